@@ -1,0 +1,38 @@
+# The two commands: `make run` (broker + worker in the foreground) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test lint bench clean
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make run    - start a local Kafka broker (unless one answers) and a worker; Ctrl-C stops both"
+	@echo "make test   - run the whole test suite against a real local broker"
+	@echo "make lint   - ruff"
+	@echo "make bench  - the benchmark (prints figures)"
+	@echo "make clean  - delete .local/ (broker data, logs, jars, worker keys)"
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+	$(BIN)/python -m broker fetch
+
+run: setup
+	$(BIN)/python -m broker run -- $(BIN)/phoneverify worker
+
+test: setup
+	$(BIN)/pytest
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python -m broker run -- $(BIN)/python bench/bench.py
+
+clean:
+	rm -rf .local

@@ -1,0 +1,157 @@
+"""The wire contract's messages (``../shared/contract.md``): what goes over the topics as JSON.
+
+Incoming messages are parsed strictly: unknown fields are allowed (the contract says so),
+wrong types and bad values are not, and the error names the field.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    StringConstraints,
+)
+
+InstanceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,32}$")]
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp needs a time zone (UTC)")
+    return value.astimezone(UTC)
+
+
+def iso(value: datetime) -> str:
+    """ISO-8601 UTC with a ``Z``, millisecond precision, as every timestamp on the wire."""
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(iso, return_type=str)]
+
+OutcomeStatus = Literal["verified", "failed", "terminated"]
+OutcomeReason = Literal[
+    "code_matched", "expired", "too_many_attempts", "terminated",
+    "invalid_phone_number", "sms_undeliverable", "rate_limited",
+]
+
+
+class Message(BaseModel):
+    """Base of all wire messages: strict types, extra fields tolerated, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> Message:
+        if raw is None:
+            raise ValueError("empty record value")
+        return cls.model_validate_json(raw)
+
+
+class StartVerification(Message):
+    instance_id: InstanceId
+    phone_number: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+
+
+class SubmitCode(Message):
+    instance_id: InstanceId
+    code: Digits
+
+
+class Terminate(Message):
+    instance_id: InstanceId
+    reason: Annotated[str, StringConstraints(max_length=500)] = ""
+
+
+class Tick(Message):
+    partition: Annotated[int, Field(ge=0)]
+    now: UtcTime
+
+
+class SendSms(Message):
+    command_id: str
+    instance_id: InstanceId
+    to: str
+    body: str
+
+    def __repr__(self) -> str:  # never show the code in a log line or traceback
+        return f"SendSms(command_id={self.command_id!r}, instance_id={self.instance_id!r})"
+
+    __str__ = __repr__
+
+
+class SmsSent(Message):
+    type: Literal["sms_sent"] = "sms_sent"
+    command_id: str
+    instance_id: InstanceId
+    provider_id: str | None = None
+
+
+class SmsFailed(Message):
+    type: Literal["sms_failed"] = "sms_failed"
+    command_id: str
+    instance_id: InstanceId
+    error: str
+    permanent: bool = True
+
+
+SmsStatus = Annotated[SmsSent | SmsFailed, Field(discriminator="type")]
+
+
+class Outcome(Message):
+    instance_id: InstanceId
+    verified: bool
+    status: OutcomeStatus
+    reason: OutcomeReason
+    attempts: int
+    created_at: UtcTime
+    completed_at: UtcTime
+
+
+class DeadLetter(Message):
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: str
+    error: str
+
+    @classmethod
+    def of(cls, topic: str, partition: int, offset: int, key: bytes | None,
+           value: bytes | None, error: str) -> DeadLetter:
+        """A dead letter for a raw record; the value is cut at 4 KiB, decoded with replacement."""
+        return cls(
+            topic=topic, partition=partition, offset=offset,
+            key=None if key is None else key.decode("utf-8", "replace"),
+            value=(value or b"")[:4096].decode("utf-8", "replace"),
+            error=error[:2000],
+        )
+
+
+# ---------------------------------------------------------------- internal topics
+
+
+class PhoneStart(Message):
+    """A parsed start, re-keyed by its E.164 phone number for the rate limiter."""
+
+    instance_id: InstanceId
+    phone_number: str
+    requested_at: UtcTime
+
+
+class Admission(Message):
+    """The rate limiter's (or intake's) verdict on a start, keyed by instance id for the actor."""
+
+    instance_id: InstanceId
+    verdict: Literal["admitted", "rate_limited", "invalid_phone_number"]
+    phone_number: str | None = None
+    requested_at: UtcTime

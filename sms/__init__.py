@@ -1,0 +1,59 @@
+"""SMS backends: how an SMS command reaches a phone.
+
+A backend's ``send`` returns a :class:`Delivery` for a final answer (sent, or refused for
+good, such as an invalid number) and raises :class:`TransientSmsError` for what may work on a
+retry (rate limited, server error, network). :func:`send_with_retry` retries those with
+exponential backoff and reports a failure when the tries run out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+from settings import Settings
+
+
+@dataclass(frozen=True)
+class Delivery:
+    ok: bool
+    provider_id: str | None = None
+    error: str = ""
+    permanent: bool = True
+
+
+class TransientSmsError(Exception):
+    """The provider may accept the same message later."""
+
+
+class SmsBackend(Protocol):
+    async def send(self, to: str, body: str) -> Delivery: ...
+
+    async def close(self) -> None: ...
+
+
+async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 4,
+                          first_delay: float = 0.2) -> Delivery:
+    delay = first_delay
+    for attempt in range(1, tries + 1):
+        try:
+            return await backend.send(to, body)
+        except TransientSmsError as error:
+            if attempt == tries:
+                return Delivery(ok=False, error=f"gave up after {tries} tries: {error}",
+                                permanent=False)
+            await asyncio.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def backend_from(settings: Settings) -> SmsBackend:
+    """The backend SMS_BACKEND names: ``console`` (default) or ``twilio``."""
+    if settings.sms_backend == "twilio":
+        from sms.twilio_sender import TwilioBackend
+
+        return TwilioBackend.from_settings(settings)
+    from sms.console import ConsoleBackend
+
+    return ConsoleBackend()

@@ -1,0 +1,45 @@
+"""Fixtures: one real Kafka broker per test session, isolated deployments, worker processes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from broker.local import from_env
+from tests.support import Deployment, Worker
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[str]:
+    """The bootstrap address of a ready broker: the one at KAFKA_BOOTSTRAP_SERVERS, or ours."""
+    broker = from_env()
+    began = time.monotonic()
+    started = broker.start()
+    if started:
+        print(f"\nbroker started in {time.monotonic() - began:.1f}s")
+    yield broker.bootstrap
+    broker.stop()
+
+
+@pytest.fixture
+def deployment(kafka: str, tmp_path: Path) -> Deployment:
+    """Fresh topics (a unique prefix) and app id on the shared broker; settings per test."""
+    return Deployment(kafka, tmp_path)
+
+
+@pytest.fixture
+def start_worker(deployment: Deployment) -> Iterator[Callable[..., Worker]]:
+    """``start_worker(name="w1", **env)`` starts a worker; all are stopped after the test."""
+    workers: list[Worker] = []
+
+    def start(name: str = "w1", **extra: str) -> Worker:
+        worker = Worker(deployment, name, **extra)
+        workers.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in workers:
+        worker.stop()

@@ -1,0 +1,198 @@
+"""Test support: worker processes against the real broker, and a Kafka client that waits.
+
+Every wait has a deadline and polls a condition; nothing sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_CODE_KEY = "test-code-hash-key-not-secret"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], Any], timeout: float, what: str,
+               interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Deployment:
+    """One isolated deployment on the shared broker: its own topic prefix and app id."""
+
+    bootstrap: str
+    tmp: Path
+    settings: dict[str, str] = field(default_factory=dict)
+    prefix: str = field(default_factory=lambda: f"t{uuid.uuid4().hex[:10]}.")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        base = {
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "TOPIC_PREFIX": self.prefix,
+            "APP_ID": self.prefix.rstrip(".") + "-app",
+            "CODE_HASH_KEY": TEST_CODE_KEY,
+            "API_KEY": "test-api-key",
+            "PARTITIONS": "4",
+            "TICK_INTERVAL_SECONDS": "0.2",
+        }
+        return {**os.environ, **base, **self.settings, **extra}
+
+    def topic(self, name: str) -> str:
+        return self.prefix + name
+
+
+class Worker:
+    """A worker process (``python worker.py``); always stopped by the fixture that made it."""
+
+    def __init__(self, deployment: Deployment, name: str = "w1", **extra: str) -> None:
+        self.deployment = deployment
+        self.name = name
+        self.web_port = free_port()
+        self.data_dir = deployment.tmp / f"data-{name}"
+        self.log_path = deployment.tmp / f"worker-{name}.log"
+        self.env = deployment.env(WEB_PORT=str(self.web_port), DATA_DIR=str(self.data_dir),
+                                  **extra)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 90.0) -> Worker:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        self._offset = 0
+        wait_until(lambda: self._alive_and("Worker]: Ready"), timeout, f"worker {self.name} ready")
+        return self
+
+    def _alive_and(self, text: str) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n"
+                               + self.log()[-4000:])
+        return text in self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+class Client:
+    """A plain aiokafka producer and reader of this deployment's topics, as an outsider."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.d = deployment
+        self.producer = AIOKafkaProducer(bootstrap_servers=deployment.bootstrap, acks="all")
+
+    async def __aenter__(self) -> Client:
+        await self.producer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.producer.stop()
+
+    async def send(self, topic: str, value: dict[str, Any] | bytes | str,
+                   key: str | bytes | None = None) -> None:
+        if isinstance(value, dict):
+            raw = json.dumps(value).encode()
+        else:
+            raw = value.encode() if isinstance(value, str) else value
+        if key is None and isinstance(value, dict):
+            key = value.get("instance_id")
+        if isinstance(key, str):
+            key = key.encode()
+        await self.producer.send_and_wait(self.d.topic(topic), raw, key=key)
+
+    async def start(self, phone: str = "+1 425-555-0100", instance_id: str | None = None) -> str:
+        iid = instance_id or uuid.uuid4().hex
+        await self.send("verification.start", {"instance_id": iid, "phone_number": phone})
+        return iid
+
+    async def respond(self, instance_id: str, code: str) -> None:
+        await self.send("verification.response", {"instance_id": instance_id, "code": code})
+
+    async def read(self, topic: str, until: Callable[[list[dict[str, Any]]], bool],
+                   timeout: float = 30.0, key: str | None = None) -> list[dict[str, Any]]:
+        """Read ``topic`` from the beginning until ``until(records)`` holds; returns them."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.d.bootstrap, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            name = self.d.topic(topic)
+            partitions = range(int(self.d.env()["PARTITIONS"]))
+            consumer.assign([TopicPartition(name, p) for p in partitions])
+            await consumer.seek_to_beginning()
+            records: list[dict[str, Any]] = []
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while not until(records):
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError(f"{topic}: condition not met in {timeout}s; got {records}")
+                batch = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
+                for messages in batch.values():
+                    for message in messages:
+                        if key is None or message.key == key.encode():
+                            records.append(_decode(message))
+            return records
+        finally:
+            await consumer.stop()
+
+    async def outcomes(self, instance_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        return await self.read("verification.outcome", lambda r: len(r) >= 1, timeout,
+                               key=instance_id)
+
+    async def sms_code(self, instance_id: str, timeout: float = 30.0) -> str:
+        [sms] = await self.read("verification.sms", lambda r: len(r) >= 1, timeout,
+                                key=instance_id)
+        match = re.search(r"\d+", sms["body"])
+        assert match, sms
+        return match.group()
+
+
+def _decode(message: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(message.value)
+    except (TypeError, ValueError):
+        return {"_raw": message.value}
+    return value if isinstance(value, dict) else {"_value": value}

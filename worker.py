@@ -1,0 +1,31 @@
+"""Run one worker: create the topics, then start Faust (agents, tables, ticker, web server)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+
+def run_worker(argv: list[str] | None = None) -> None:
+    from settings import Settings
+    from topics import ensure_topics
+
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level)
+    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
+    created = asyncio.run(ensure_topics(settings))
+    if created:
+        print(f"created topics: {', '.join(created)}", flush=True)
+    from app import app  # imported after the topics exist: Faust subscribes on start
+
+    if not settings.api_key_value:
+        print("WARNING: API_KEY is empty: the HTTP API accepts requests without a key "
+              "(local use only)", flush=True)
+    level = settings.log_level.lower()
+    sys.argv = ["phoneverify", "worker", "--loglevel", level, *(argv or [])]
+    app.main()
+
+
+if __name__ == "__main__":
+    run_worker(sys.argv[1:])
