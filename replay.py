@@ -1,0 +1,1 @@
+"""Replay: rebuild every aggregate from ``verification.events`` and compare with the live table."""
