@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CODE_KEY = "test-code-hash-key-not-secret"
@@ -173,8 +174,33 @@ class Client:
                 for messages in batch.values():
                     for message in messages:
                         if key is None or message.key == key.encode():
-                            records.append(_decode(message))
+                            records.append(_decode(message.value))
             return records
+        finally:
+            await consumer.stop()
+
+    async def read_all(self, topic: str, key: str | None = None) -> list[dict[str, Any]]:
+        """Every record of ``topic`` (for ``key``) up to its end as of now."""
+        return [_decode(v) for v in await self.read_raw(self.d.topic(topic), key)]
+
+    async def read_raw(self, full_name: str, key: str | None = None) -> list[bytes]:
+        """Raw values of a topic named in full, up to its end as of now."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.d.bootstrap, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            tps = [TopicPartition(full_name, p) for p in range(int(self.d.env()["PARTITIONS"]))]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
+            ends = await consumer.end_offsets(tps)
+            values: list[bytes] = []
+            left = {tp for tp in tps if ends[tp] > 0}
+            while left:
+                batch = await consumer.getmany(*left, timeout_ms=500)
+                for messages in batch.values():
+                    values += [m.value for m in messages
+                               if key is None or m.key == key.encode()]
+                left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
+            return values
         finally:
             await consumer.stop()
 
@@ -190,9 +216,44 @@ class Client:
         return match.group()
 
 
-def _decode(message: Any) -> dict[str, Any]:
+def _decode(raw: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(message.value)
+        value = json.loads(raw)
     except (TypeError, ValueError):
-        return {"_raw": message.value}
+        return {"_raw": raw}
     return value if isinstance(value, dict) else {"_value": value}
+
+
+# Pipeline order: when a stage's inputs are all committed, everything it produced is on the
+# next stage's topics (Faust flushes its producer before it commits).
+PIPELINE = ("verification.start", "verification.start-by-phone", "verification.admitted",
+            "verification.response", "verification.terminate", "verification.sms",
+            "verification.sms-status")
+
+
+async def quiesce(deployment: Deployment, timeout: float = 30.0) -> None:
+    """Wait until the workers have processed and committed every record produced so far."""
+    group = deployment.env()["APP_ID"]
+    partitions = int(deployment.env()["PARTITIONS"])
+    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=deployment.bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for topic in PIPELINE:
+            tps = [TopicPartition(deployment.topic(topic), p) for p in range(partitions)]
+            ends = await consumer.end_offsets(tps)
+            while True:
+                committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+                behind = [tp for tp in tps if ends[tp] > 0 and (
+                    tp not in committed or committed[tp].offset < ends[tp])]
+                if not behind:
+                    break
+                if loop.time() > deadline:
+                    raise TimeoutError(f"workers still behind on {behind}")
+                await asyncio.sleep(0.1)
+    finally:
+        await consumer.stop()
+        await admin.close()
