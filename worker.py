@@ -22,6 +22,11 @@ def run_worker(argv: list[str] | None = None) -> None:
     if not settings.api_key_value:
         print("WARNING: API_KEY is empty: the HTTP API accepts requests without a key "
               "(local use only)", flush=True)
+    elif settings.api_key is None:
+        print(f"HTTP API key (X-API-Key): generated once, kept in {settings.data_dir / 'api_key'}",
+              flush=True)
+    else:
+        print("HTTP API key (X-API-Key): from API_KEY", flush=True)
     level = settings.log_level.lower()
     sys.argv = ["phoneverify", "worker", "--loglevel", level, *(argv or [])]
     app.main()
