@@ -21,7 +21,7 @@ def normalise(raw: str, default_region: str = "US") -> str:
 
 
 def mask(e164: str | None) -> str | None:
-    """Keep the country code's first digits and the last two: ``+1425*****00``."""
+    """Keep the first digits and the last two: ``+14255550100`` -> ``+142******00``."""
     if not e164:
         return e164
     keep = 4 if len(e164) > 8 else 2

@@ -22,15 +22,19 @@ class Window(BaseModel):
 
 def admit(window: Window, instance_id: str, at: datetime, limit: int,
           seconds: float) -> tuple[Verdict, Window]:
-    """Admit a start unless ``limit`` starts were admitted in the ``seconds`` before ``at``.
+    """Admit a start unless some window of ``seconds`` holding ``at`` would exceed ``limit``.
 
-    A start seen before (a redelivery) gets its earlier verdict "admitted" again and is not
-    counted twice.
+    Starts for one number may arrive slightly out of time order (they come from different
+    partitions), so a start is checked against every admitted start less than ``seconds``
+    before or after it, and entries are kept for twice the window. A start seen before (a
+    redelivery) gets its earlier verdict "admitted" again and is not counted twice.
     """
-    since = at - timedelta(seconds=seconds)
-    recent = tuple(entry for entry in window.admitted if entry[1] > since)
-    if any(iid == instance_id for iid, _ in recent):
-        return "admitted", Window(admitted=recent)
-    if len(recent) >= limit:
-        return "rate_limited", Window(admitted=recent)
-    return "admitted", Window(admitted=(*recent, (instance_id, at)))
+    span = timedelta(seconds=seconds)
+    newest = max([at, *(time for _, time in window.admitted)])
+    kept = tuple(entry for entry in window.admitted if entry[1] > newest - 2 * span)
+    if any(iid == instance_id for iid, _ in kept):
+        return "admitted", Window(admitted=kept)
+    near = [entry for entry in kept if at - span < entry[1] < at + span]
+    if len(near) >= limit:
+        return "rate_limited", Window(admitted=kept)
+    return "admitted", Window(admitted=(*kept, (instance_id, at)))
