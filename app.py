@@ -62,3 +62,4 @@ start_by_phone_topic = _topic(names.start_by_phone)
 admitted_topic = _topic(names.admitted)
 
 import agents  # noqa: E402,F401 - registers the agents, tables and timers on ``app``
+import web  # noqa: E402,F401 - registers the HTTP API

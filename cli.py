@@ -1,21 +1,364 @@
-"""``phoneverify``: the command line (``phoneverify --help``)."""
+"""``phoneverify``: the command line (``phoneverify --help``).
+
+Every command but ``worker``, ``status`` and ``replay`` talks to Kafka through the client
+library (:mod:`client`); ``status`` asks a worker's HTTP API. Settings come from the
+environment, as for the worker (KAFKA_BOOTSTRAP_SERVERS, TOPIC_PREFIX, WEB_PORT, API_KEY, ...).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
 import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
+
+DESCRIPTION = "Verify phone numbers by SMS code: run workers, start and follow verifications."
+EPILOG = """\
+examples (a worker running: `make run`, or `phoneverify worker` with Kafka up):
+  phoneverify start "+1 425-555-0100"          start; prints the new verification's id
+  phoneverify start 4255550100 --id order-17   choose the id (1-64 of A-Z a-z 0-9 . _ -)
+  phoneverify respond order-17 0042            send back the code from the SMS (0042 != 42)
+  phoneverify watch --id order-17              wait for its outcome; exit 0 if verified
+  phoneverify status order-17 --json           ask a worker's HTTP API (needs API_KEY)
+  phoneverify terminate order-17 --reason "user left"
+  phoneverify watch --timeout 60               print every outcome for a minute
+
+exit codes:
+  0  done (for status and watch: verified, or still running)
+  1  failed or terminated verification, or no such verification
+  2  invalid input or usage
+  3  timeout, or Kafka / the worker unreachable
+
+--json prints one JSON document per result (JSON lines for watch), for scripts.
+"""
+
+
+class Failure(Exception):
+    """Ends the command with a message on stderr and an exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="phoneverify", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=raw)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    kafka = argparse.ArgumentParser(add_help=False, parents=[common])
+    kafka.add_argument("--bootstrap-servers", metavar="HOST:PORT",
+                       help="Kafka (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
+
+    def command(name: str, help: str, parents: list[argparse.ArgumentParser],
+                example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=parents,
+                              epilog=f"example:\n  {example}", formatter_class=raw)
+
+    sub.add_parser("worker", help="run a worker (settings from the environment)")
+
+    start = command("start", "start a verification: one SMS with a code goes to PHONE",
+                    [kafka], 'phoneverify start "+1 425-555-0100" --id signup-42')
+    start.add_argument("phone", metavar="PHONE",
+                       help="phone number in any usual form; without a country code it is "
+                            "read in $PHONE_DEFAULT_REGION (default US)")
+    start.add_argument("--id", dest="instance_id", metavar="ID",
+                       help="the verification's id (default: a new UUID4 hex)")
+
+    respond = command("respond", "send back the code the SMS carried", [kafka],
+                      "phoneverify respond signup-42 0042")
+    respond.add_argument("instance_id", metavar="ID")
+    respond.add_argument("code", metavar="CODE", help="the digits, as received: 0042 is not 42")
+
+    terminate = command("terminate", "end a verification now (outcome: terminated)", [kafka],
+                        'phoneverify terminate signup-42 --reason "user cancelled"')
+    terminate.add_argument("instance_id", metavar="ID")
+    terminate.add_argument("--reason", default="", help="why (up to 500 characters)")
+
+    status = command("status", "show a verification's state, from a worker's HTTP API",
+                     [common], "phoneverify status signup-42 --url http://127.0.0.1:6066")
+    status.add_argument("instance_id", metavar="ID")
+    status.add_argument("--url", help="a worker's web server (default: http://127.0.0.1:$WEB_PORT"
+                                      ", WEB_PORT 6066 unless set)")
+    status.add_argument("--api-key", help="the X-API-Key (default: $API_KEY, else the key a "
+                                          "local worker keeps in $DATA_DIR/api_key)")
+    status.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="HTTP timeout (default 10)")
+
+    watch = command("watch", "print outcomes as they come (Ctrl-C stops); with --id, wait for "
+                    "that verification's outcome (also one that came before)", [kafka],
+                    "phoneverify watch --id signup-42 --timeout 120")
+    watch.add_argument("--id", dest="instance_id", metavar="ID",
+                       help="only this verification: print its outcome and exit")
+    watch.add_argument("--timeout", type=float, metavar="SECONDS",
+                       help="stop after this long (exit 3 if --id or --count was not satisfied)")
+    watch.add_argument("--count", type=int, metavar="N", help="stop after N outcomes")
+    watch.add_argument("--from-beginning", action="store_true",
+                       help="also print the outcomes published before (from the start of the "
+                            "topic)")
+
+    sub.add_parser("replay", add_help=False,
+                   help="rebuild state from verification.events and compare "
+                        "(phoneverify replay --help)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phoneverify", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("worker", help="run a worker (settings from the environment)")
-    args, rest = parser.parse_known_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "worker":
         from worker import run_worker
 
         run_worker(rest)
-    return 0
+        return OK
+    if args.command == "replay":
+        import replay
+
+        return replay.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # errors are reported below
+    handler = HANDLERS[args.command]
+    try:
+        return asyncio.run(handler(args))
+    except Failure as failure:
+        print(f"phoneverify {args.command}: {failure}", file=sys.stderr)
+        return failure.code
+    except KeyboardInterrupt:
+        return OK if args.command == "watch" else 130
+
+
+# ---------------------------------------------------------------- commands over Kafka
+
+
+@contextlib.asynccontextmanager
+async def _client(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """A client that connects at its first use, so input is checked before Kafka is asked."""
+    from client import VerificationClient
+
+    client = VerificationClient(args.bootstrap_servers)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def _kafka(run: Callable[[], Awaitable[int]]) -> int:
+    """Run ``run`` turning the client's exceptions into exit codes."""
+    from client import InvalidInput, KafkaUnavailable, OutcomeTimeout
+
+    try:
+        return await run()
+    except InvalidInput as error:
+        raise Failure(str(error), USAGE) from None
+    except (KafkaUnavailable, OutcomeTimeout) as error:
+        raise Failure(str(error), UNAVAILABLE) from None
+
+
+async def cmd_start(args: argparse.Namespace) -> int:
+    from models.phone import InvalidPhoneNumber, normalise
+    from settings import Settings
+
+    async def run() -> int:
+        async with _client(args) as client:
+            iid = await client.start(args.phone, args.instance_id)
+        try:
+            phone = normalise(args.phone, Settings().phone_default_region)
+        except InvalidPhoneNumber:  # pragma: no cover - start() has checked it
+            phone = args.phone
+        if args.json:
+            _print_json({"id": iid, "phone_number": phone})
+        else:
+            print(f"Started verification {iid}: an SMS with a code goes to {phone}.\n"
+                  f"  send the code back: phoneverify respond {iid} CODE\n"
+                  f"  wait for the outcome: phoneverify watch --id {iid}")
+        return OK
+
+    return await _kafka(run)
+
+
+async def cmd_respond(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            await client.submit_code(args.instance_id, args.code)
+        if args.json:
+            _print_json({"id": args.instance_id, "sent": True})
+        else:
+            print(f"Code sent for {args.instance_id}; the outcome: "
+                  f"phoneverify watch --id {args.instance_id}")
+        return OK
+
+    return await _kafka(run)
+
+
+async def cmd_terminate(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            await client.terminate(args.instance_id, args.reason)
+        if args.json:
+            _print_json({"id": args.instance_id, "sent": True})
+        else:
+            print(f"Termination of {args.instance_id} requested.")
+        return OK
+
+    return await _kafka(run)
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    if args.count is not None and args.count < 1:
+        raise Failure("--count must be at least 1", USAGE)
+    timeout = math.inf if args.timeout is None else args.timeout
+
+    async def one() -> int:
+        async with _client(args) as client:
+            outcome = await client.wait_for_outcome(args.instance_id, timeout)
+        _print_outcome(outcome, args.json)
+        return OK if outcome.verified else FAILED
+
+    async def stream() -> int:
+        seen = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with _client(args) as client, \
+                client.outcomes(from_beginning=args.from_beginning) as outcomes:
+            # On stderr even with --json: a script may wait for it before causing outcomes.
+            print("watching outcomes (Ctrl-C stops)", file=sys.stderr, flush=True)
+            while args.count is None or seen < args.count:
+                left = deadline - loop.time()
+                try:
+                    outcome = await asyncio.wait_for(anext(outcomes), None if math.isinf(left)
+                                                     else max(left, 0))
+                except TimeoutError:
+                    if args.count is not None:
+                        raise Failure(f"{seen} of {args.count} outcomes in {timeout:g}s",
+                                      UNAVAILABLE) from None
+                    return OK
+                _print_outcome(outcome, args.json)
+                seen += 1
+        return OK
+
+    return await _kafka(one if args.instance_id is not None else stream)
+
+
+def _print_outcome(outcome: Any, as_json: bool) -> None:
+    if as_json:
+        print(outcome.model_dump_json(), flush=True)
+        return
+    attempts = f"{outcome.attempts} attempt{'s' if outcome.attempts != 1 else ''}"
+    print(f"{_time(outcome.completed_at)}  {outcome.instance_id}  {outcome.status} "
+          f"({outcome.reason}, {attempts})", flush=True)
+
+
+def _time(value: Any) -> str:
+    from models.messages import iso
+
+    return iso(value)
+
+
+# ---------------------------------------------------------------- status over HTTP
+
+RUNTIME = {
+    "Pending": "Pending (started; the SMS is not confirmed sent yet)",
+    "Running": "Running (SMS sent; waiting for the code)",
+    "Completed": "Completed",
+    "Terminated": "Terminated",
+}
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from client import InvalidInput, check_instance_id
+    from settings import Settings
+
+    settings = Settings()
+    url = (args.url or f"http://127.0.0.1:{settings.web_port}").rstrip("/")
+    key = args.api_key if args.api_key is not None else _api_key(settings)
+    try:
+        check_instance_id(args.instance_id)
+    except InvalidInput as error:
+        raise Failure(str(error), USAGE) from None
+    target = f"{url}/verifications/{args.instance_id}"
+    headers = {"X-API-Key": key} if key else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=args.timeout)) as s, \
+                s.get(target, headers=headers) as response:
+            body = await response.json(content_type=None)
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as error:
+        raise Failure(f"no answer from {url}: {str(error) or type(error).__name__} "
+                      "(is a worker running there? --url)",
+                      UNAVAILABLE) from None
+    except ValueError:
+        raise Failure(f"{target} did not answer JSON", UNAVAILABLE) from None
+    if status == 401:
+        raise Failure(f"{url} refused the API key: set API_KEY or --api-key", USAGE)
+    if status == 404:
+        if args.json:
+            _print_json({"id": args.instance_id, "error": body.get("error")})
+        print(f"phoneverify status: {body.get('error', 'not found')}", file=sys.stderr)
+        return FAILED
+    if status == 400:
+        raise Failure(body.get("error", "bad request"), USAGE)
+    if status != 200:
+        raise Failure(f"{url} answered {status}: {body.get('error', body)}", UNAVAILABLE)
+    if args.json:
+        _print_json(body)
+    else:
+        _print_status(body)
+    final = body.get("runtimeStatus") in ("Completed", "Terminated")
+    return FAILED if final and body.get("output") is not True else OK
+
+
+def _api_key(settings: Any) -> str:
+    """$API_KEY, else the key a local worker generated and keeps in its DATA_DIR."""
+    if "API_KEY" in os.environ:
+        return os.environ["API_KEY"]
+    kept = settings.data_dir / "api_key"
+    return kept.read_text().strip() if kept.exists() else ""
+
+
+def _print_status(body: dict[str, Any]) -> None:
+    output = {True: "verified", False: "not verified", None: "-"}.get(body.get("output"), "?")
+    rows = [
+        ("id", body.get("instanceId")),
+        ("status", RUNTIME.get(body.get("runtimeStatus", ""), body.get("runtimeStatus"))),
+        ("output", output + (f" ({body['reason']})" if body.get("reason") else "")),
+        ("phone", body.get("input")),
+        ("attempts", f"{body.get('attempts', 0)} used, {body.get('attemptsLeft', 0)} left"),
+        ("deadline", body.get("deadline")),
+        ("created", body.get("createdTime")),
+        ("updated", body.get("lastUpdatedTime")),
+    ]
+    if body.get("terminateReason"):
+        rows.append(("reason", body["terminateReason"]))
+    for name, value in rows:
+        print(f"{name:<9} {value if value is not None else '-'}")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value), flush=True)
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "start": cmd_start,
+    "respond": cmd_respond,
+    "terminate": cmd_terminate,
+    "status": cmd_status,
+    "watch": cmd_watch,
+}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ wrong types and bad values are not, and the error names the field.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -18,7 +19,8 @@ from pydantic import (
     StringConstraints,
 )
 
-InstanceId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+InstanceId = Annotated[str, StringConstraints(pattern=f"^{INSTANCE_ID.pattern}$")]
 Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,32}$")]
 
 
