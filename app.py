@@ -41,6 +41,7 @@ app = faust.App(
     web_metrics_enabled=False,
     consumer_auto_offset_reset="earliest",
     broker_commit_interval=1.0,
+    worker_redirect_stdouts_level="INFO",  # the console SMS backend prints; not a warning
 )
 
 
