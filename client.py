@@ -38,6 +38,7 @@ from models.messages import (
     StartVerification,
     SubmitCode,
     Terminate,
+    explain,
 )
 from models.phone import InvalidPhoneNumber, normalise
 from settings import Settings
@@ -66,10 +67,7 @@ def _validated(model: type[Message], **fields: Any) -> Any:
     try:
         return model(**fields)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc']) or 'value'}: {item['msg']}"
-            for item in error.errors(include_input=False, include_url=False))
-        raise InvalidInput(problems) from None
+        raise InvalidInput(explain(error)) from None
 
 
 def check_instance_id(instance_id: str) -> str:

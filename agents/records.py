@@ -11,7 +11,7 @@ from faust.types import EventT
 from pydantic import ValidationError
 
 from app import dead_letter_topic, names
-from models.messages import DeadLetter
+from models.messages import DeadLetter, explain
 
 log = logging.getLogger("phoneverify")
 
@@ -26,11 +26,7 @@ def record_time(event: EventT) -> datetime:
 def describe(error: Exception) -> str:
     """A validation error as ``field: why`` pairs, never echoing the input (it may be a code)."""
     if isinstance(error, ValidationError):
-        parts = []
-        for item in error.errors(include_input=False, include_url=False):
-            where = ".".join(str(part) for part in item["loc"]) or "value"
-            parts.append(f"{where}: {item['msg']}")
-        return "; ".join(parts)
+        return explain(error)
     return f"{type(error).__name__}: {_DIGITS.sub('#', str(error))}"
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     StringConstraints,
+    ValidationError,
 )
 
 INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -33,6 +34,13 @@ def _utc(value: datetime) -> datetime:
 def iso(value: datetime) -> str:
     """ISO-8601 UTC with a ``Z``, millisecond precision, as every timestamp on the wire."""
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def explain(error: ValidationError) -> str:
+    """A validation error as ``field: why`` pairs, never echoing the input (it may be a code)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {item['msg']}"
+        for item in error.errors(include_input=False, include_url=False))
 
 
 UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(iso, return_type=str)]
