@@ -48,7 +48,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.verification import (  # noqa: E402 - needs ROOT on the path when run as a script
+from broker.local import stop_process  # noqa: E402 - needs ROOT on the path as a script
+from models.verification import (  # noqa: E402
     Expire,
     Start,
     Verification,
@@ -159,14 +160,8 @@ class Worker:
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, wait, then SIGKILL; only this process, by its pid."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout)
 
 
 # ---------------------------------------------------------------- Kafka helpers

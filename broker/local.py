@@ -28,6 +28,19 @@ LOG4J = HERE / "log4j.properties"
 DEFAULT_HOME = HERE.parent / ".local" / "kafka"
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0,
+                 sig: int = signal.SIGTERM) -> None:
+    """Signal one process we started (by its pid), wait for it, kill it if it will not stop."""
+    if process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class BrokerError(RuntimeError):
     """The local broker could not be fetched or started."""
 
@@ -174,13 +187,7 @@ class LocalBroker:
         """Stop the broker this object started (by its pid); a broker found running is left."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         (self.home / f"broker-{_split(self.bootstrap)[1]}.pid").unlink(missing_ok=True)
         self.process = None
 
