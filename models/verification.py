@@ -215,7 +215,9 @@ def decide(command: Command, state: Verification) -> list[Event]:
         case Start() | Reject():
             return []  # a second start for a used instance_id sends nothing
     if state.status == "new":
-        return []  # nothing to answer, stop or expire yet
+        if isinstance(command, Stop):  # terminated before its start arrived: it never runs
+            return [Terminated(instance_id=iid, reason=command.reason, attempts=0, at=at)]
+        return []  # nothing to answer or expire yet
     assert state.deadline is not None and state.code_hash is not None
     match command:
         case Answer() if at >= state.deadline:

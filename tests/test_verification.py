@@ -291,7 +291,18 @@ def test_anything_after_a_terminal_event_emits_nothing(terminal, when):
 def test_commands_for_a_never_started_instance_emit_nothing(when):
     state = given()
     for command in every_command(when)[3:]:
-        assert decide(command, state) == [], command
+        if not isinstance(command, Stop):
+            assert decide(command, state) == [], command
+
+
+def test_a_stop_before_the_start_terminates_it_for_good():
+    # The start takes two more hops (intake, rate limit) than a terminate: it may come second.
+    stop = Stop(instance_id=IID, reason="changed my mind", at=T0)
+    assert decide(stop, given()) == [
+        Terminated(instance_id=IID, reason="changed my mind", attempts=0, at=T0)]
+    state = fold(given(), decide(stop, given()))
+    assert (state.status, state.reason, state.created_at) == ("terminated", "terminated", T0)
+    assert decide(start(at(1)), state) == []  # no SMS for a terminated id
 
 
 # ---------------------------------------------------------------- properties
