@@ -120,38 +120,56 @@ def outcome_of(state: Verification) -> Outcome:
                    created_at=state.created_at, completed_at=state.updated_at)
 
 
+class NotStarted(ValueError):
+    """An answer for an instance id that has no verification (yet): dead-lettered."""
+
+
 async def apply(key: bytes, command: Command, partition: int, topic: str | None = None,
                 offset: int | None = None) -> None:
-    """Run one command against the stored aggregate, publish what it caused, store the result."""
+    """Run one command against the stored aggregate, publish what it caused, store the result.
+
+    Order: events and outcome first (a crash before the table write repeats them, identical,
+    rather than losing them), then the table write, then, once that write is acknowledged,
+    the SMS. Nobody can answer a code before its verification is durable, so no answer can
+    overtake a start that a crash sends round again.
+    """
     stored = load(key) or Stored(state=initial_state(command.instance_id), partition=partition)
     if topic is not None and offset is not None and offset <= stored.offsets.get(topic, -1):
+        if topic == names.admitted and stored.state.sms == "requested":
+            await send_sms(key, stored.state)  # the first may have died with the worker
         return  # redelivered after a crash: already applied
     events = decide(command, stored.state)
     if not events:
+        if isinstance(command, Answer) and stored.state.status == "new":
+            raise NotStarted(f"no verification {command.instance_id} has started")
         return
     state = fold(stored.state, events)
-    await publish(key, stored.state.version, events, state, command)
+    await publish(key, stored.state.version, events, state)
     offsets = stored.offsets if topic is None else {**stored.offsets, topic: offset or 0}
     verifications[key] = Stored(state=state, partition=partition,
                                 offsets=offsets).model_dump_json().encode()
     if isinstance(events[0], Started) and state.deadline is not None:
         deadlines.add(partition, state.deadline, key)
+    if any(isinstance(event, SmsRequested) for event in events):
+        await app.producer.flush()  # the table write above is acknowledged by Kafka
+        await send_sms(key, state)
 
 
-async def publish(key: bytes, version: int, events: list[Event], state: Verification,
-                  command: Command) -> None:
+async def publish(key: bytes, version: int, events: list[Event], state: Verification) -> None:
     for seq, event in enumerate(events, start=version + 1):
         record = {"seq": seq, **event.model_dump(mode="json")}
         await events_topic.send(key=key, value=_json(record))
-        if isinstance(event, SmsRequested) and isinstance(command, Start):
-            code = draw_code(settings.code_key, state.instance_id,
-                             settings.verification_code_length)
-            sms = SendSms(command_id=event.command_id, instance_id=state.instance_id,
-                          to=state.phone_number or "", body=sms_body(code))
-            await sms_topic.send(key=key, value=sms.to_bytes())
         if isinstance(event, TERMINAL):
             await outcome_topic.send(key=key, value=outcome_of(state).to_bytes())
             log.info("verification %s: %s (%s)", state.instance_id, state.status, state.reason)
+
+
+async def send_sms(key: bytes, state: Verification) -> None:
+    """The SMS command, with the plain code (drawn again: it is stable per instance)."""
+    code = draw_code(settings.code_key, state.instance_id, settings.verification_code_length)
+    sms = SendSms(command_id=state.command_id or "", instance_id=state.instance_id,
+                  to=state.phone_number or "", body=sms_body(code))
+    await sms_topic.send(key=key, value=sms.to_bytes())
 
 
 def _json(record: dict[str, object]) -> bytes:
@@ -184,6 +202,7 @@ def _pending_on(partition: int) -> list[tuple[datetime, bytes]]:
 async def actor(stream: StreamT[bytes]) -> None:
     async for event in stream.events():
         message = event.message
+        log.debug("actor: %s[%d]@%d", message.topic, message.partition, message.offset)
         try:
             if message.topic == names.tick:
                 await on_tick(event)

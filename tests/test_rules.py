@@ -240,3 +240,24 @@ async def test_the_code_is_never_written_outside_the_sms_topic(client: Client) -
     raw = await client.read_raw(changelog, key=iid)
     assert raw
     assert not any(holds_code(json.loads(value)) for value in raw)
+
+
+async def test_terminate_before_the_start_arrives_means_it_never_runs(client: Client) -> None:
+    # A start takes two more hops than a terminate, so a quick terminate may overtake it.
+    iid = uuid.uuid4().hex
+    await client.send("verification.terminate", {"instance_id": iid, "reason": "too quick"})
+    [outcome] = await client.outcomes(iid)
+    assert (outcome["status"], outcome["reason"], outcome["attempts"]) == (
+        "terminated", "terminated", 0)
+    await client.start(new_phone(), instance_id=iid)
+    await quiesce(client.d)
+    assert await client.read_all("verification.sms", key=iid) == []
+    assert await client.outcomes(iid) == [outcome]
+
+
+async def test_an_answer_for_an_unknown_verification_is_a_dead_letter(client: Client) -> None:
+    iid = uuid.uuid4().hex
+    await client.respond(iid, "1234")
+    [letter] = await client.read("verification.dead-letter", lambda r: len(r) >= 1, key=iid)
+    assert "no verification" in letter["error"]
+    assert "1234" not in letter["value"]
