@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import faust
 
+import faust_fixes
 from settings import Settings
 from topics import Names
 
+faust_fixes.apply()
 settings = Settings()
 names = Names(settings.topic_prefix)
 

@@ -165,7 +165,8 @@ class Client:
             while not until(records):
                 left = deadline - loop.time()
                 if left <= 0:
-                    raise TimeoutError(f"{topic}: condition not met in {timeout}s; got {records}")
+                    raise TimeoutError(f"{topic}: condition not met in {timeout}s with "
+                                       f"{len(records)} records; the last: {records[-3:]}")
                 batch = await consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
                 for messages in batch.values():
                     for message in messages:
