@@ -64,5 +64,10 @@ dead_letter_topic = _topic(names.dead_letter)
 start_by_phone_topic = _topic(names.start_by_phone)
 admitted_topic = _topic(names.admitted)
 
-import agents  # noqa: E402,F401 - registers the agents, tables and timers on ``app``
-import web  # noqa: E402,F401 - registers the HTTP API
+# Registers the agents, tables, timer and HTTP views on ``app``.
+import agents.actor  # noqa: E402
+import agents.intake  # noqa: E402
+import agents.ratelimit  # noqa: E402
+import agents.sender  # noqa: E402
+import agents.ticker  # noqa: E402,F401
+import web  # noqa: E402,F401

@@ -1,8 +1,6 @@
 """Faust agents: thin shells that move records in and out of the pure core in ``models``.
 
 intake -> ratelimit -> actor <- (response, terminate, tick, sms-status); actor -> sender.
+``app.py`` imports each agent module to register it; this package imports nothing itself, so
+``agents.deadlines`` can be used without creating the Faust app.
 """
-
-from agents import actor, intake, ratelimit, sender, ticker
-
-__all__ = ["actor", "intake", "ratelimit", "sender", "ticker"]

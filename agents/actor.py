@@ -11,6 +11,7 @@ losing them (see README, "Delivery guarantees").
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import datetime
 
 from faust.types import EventT, StreamT
@@ -181,21 +182,19 @@ async def on_tick(event: EventT) -> None:
     tick = Tick.from_bytes(event.value)
     partition = event.message.partition
     if not deadlines.ready(partition):
-        deadlines.rebuild(partition, _pending_on(partition))
+        deadlines.rebuild(_pending(), settings.partitions)
     for key in deadlines.due(partition, tick.now):
         stored = load(key)
         if stored is not None and not stored.state.is_final:
             await apply(key, Expire(instance_id=stored.state.instance_id, at=tick.now), partition)
 
 
-def _pending_on(partition: int) -> list[tuple[datetime, bytes]]:
-    pending = []
+def _pending() -> Iterator[tuple[int, datetime, bytes]]:
+    """Every pending verification in the table (one scan, after a rebalance)."""
     for key, raw in verifications.items():
         stored = Stored.model_validate_json(raw)
-        if stored.partition == partition and stored.state.status == "pending":
-            assert stored.state.deadline is not None
-            pending.append((stored.state.deadline, key))
-    return pending
+        if stored.state.status == "pending" and stored.state.deadline is not None:
+            yield stored.partition, stored.state.deadline, key
 
 
 @app.agent(inputs, concurrency=1)

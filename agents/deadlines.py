@@ -20,10 +20,14 @@ class Deadlines:
     def ready(self, partition: int) -> bool:
         return partition in self._heaps
 
-    def rebuild(self, partition: int, entries: Iterable[tuple[datetime, bytes]]) -> None:
-        heap = list(entries)
-        heapq.heapify(heap)
-        self._heaps[partition] = heap
+    def rebuild(self, entries: Iterable[tuple[int, datetime, bytes]], partitions: int) -> None:
+        """Index every partition at once from ``(partition, deadline, key)`` entries."""
+        heaps: dict[int, list[tuple[datetime, bytes]]] = {p: [] for p in range(partitions)}
+        for partition, deadline, key in entries:
+            heaps[partition].append((deadline, key))
+        for heap in heaps.values():
+            heapq.heapify(heap)
+        self._heaps = heaps
 
     def add(self, partition: int, deadline: datetime, key: bytes) -> None:
         heap = self._heaps.get(partition)

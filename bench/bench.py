@@ -14,15 +14,13 @@
 4. The actor's tick path in process (``agents/deadlines.py`` and ``models.verification``) at
    1k/10k/100k pending verifications: the time per tick must not grow with what is pending.
 
-The bench process never imports ``app`` or ``agents`` (they create a Faust app): the deadline
-index is loaded from its file.
+The bench process never imports ``app`` (it creates a Faust app); ``agents.deadlines`` is pure.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -39,7 +37,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -48,7 +45,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from broker.local import stop_process  # noqa: E402 - needs ROOT on the path as a script
+from agents.deadlines import Deadlines  # noqa: E402 - needs ROOT on the path as a script
+from broker.local import stop_process  # noqa: E402
 from models.verification import (  # noqa: E402
     Expire,
     Start,
@@ -484,15 +482,6 @@ async def _consume_produce(deployment: Deployment, source: str, sink: str,
 # ---------------------------------------------------------------- 4: the tick path
 
 
-def load_deadlines() -> ModuleType:
-    """``agents/deadlines.py`` alone: importing the ``agents`` package would build the app."""
-    spec = importlib.util.spec_from_file_location("bench_deadlines", ROOT / "agents/deadlines.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def pending_state(instance_id: str, at: datetime, timeout: float) -> Verification:
     """A verification as the actor holds it after its start."""
     start = Start(instance_id=instance_id, phone_number="+12015550100", code_hash="0" * 64,
@@ -530,7 +519,7 @@ class TickTimes:
 class TickBench:
     """One partition's deadline index with ``pending`` far deadlines, ``due`` expiring a tick."""
 
-    def __init__(self, deadlines_type: type, pending: int, due: int) -> None:
+    def __init__(self, pending: int, due: int) -> None:
         self.now = datetime(2030, 1, 1, tzinfo=UTC)
         far = pending_state("far", self.now, 86_400)
         assert far.deadline is not None
@@ -540,8 +529,8 @@ class TickBench:
             key = f"p{i:07d}".encode()
             self.table[key] = far
             entries.append((far.deadline + timedelta(microseconds=i), key))
-        self.deadlines = deadlines_type()
-        self.deadlines.rebuild(0, entries)
+        self.deadlines = Deadlines()
+        self.deadlines.rebuild(((0, deadline, key) for deadline, key in entries), 1)
         self.pending, self.due = pending, due
         self.fresh = {f"d{j:04d}".encode(): pending_state(f"d{j:04d}", self.now
                                                             - timedelta(seconds=91), 90)
@@ -565,8 +554,7 @@ class TickBench:
 
 def tick_times(sizes: list[int], due: int, ticks: int) -> dict[int, TickTimes]:
     """Ticks of every size taken in turn, so a change in machine load hits all sizes alike."""
-    deadlines_type = load_deadlines().Deadlines
-    benches = [TickBench(deadlines_type, n, due) for n in sizes]
+    benches = [TickBench(n, due) for n in sizes]
     for bench in benches:  # warm-up
         bench.tick()
         bench.times = TickTimes()
