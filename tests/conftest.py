@@ -30,9 +30,19 @@ def deployment(kafka: str, tmp_path: Path) -> Deployment:
     return Deployment(kafka, tmp_path)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Keep each phase's report on the test item, so fixtures can see whether it failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def start_worker(deployment: Deployment) -> Iterator[Callable[..., Worker]]:
-    """``start_worker(name="w1", **env)`` starts a worker; all are stopped after the test."""
+def start_worker(request: pytest.FixtureRequest,
+                 deployment: Deployment) -> Iterator[Callable[..., Worker]]:
+    """``start_worker(name="w1", **env)`` starts a worker; all are stopped after the test,
+    and if the test failed, the end of each worker's log is printed."""
     workers: list[Worker] = []
 
     def start(name: str = "w1", **extra: str) -> Worker:
@@ -43,3 +53,8 @@ def start_worker(deployment: Deployment) -> Iterator[Callable[..., Worker]]:
     yield start
     for worker in workers:
         worker.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for worker in workers:
+            tail = "\n".join(worker.log().splitlines()[-40:])
+            print(f"\n----- end of worker {worker.name}'s log ({worker.log_path}) -----\n{tail}")
