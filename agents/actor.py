@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
+import faust
 from faust.types import EventT, StreamT
+from faust.types.tuples import FutureMessage
 from pydantic import BaseModel, ValidationError
 
 from agents.deadlines import Deadlines
@@ -59,8 +62,19 @@ class Stored(BaseModel):
     offsets: dict[str, int] = {}
 
 
-verifications = app.Table("verifications", key_type=bytes, value_type=bytes,
-                          partitions=settings.partitions)
+class DurableTable(faust.Table):
+    """A Faust table that keeps the changelog send of its last write, to await its ack."""
+
+    last_write: FutureMessage | None = None
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
+        self.last_write = super().send_changelog(*args, **kwargs)
+        return self.last_write
+
+
+verifications = app.tables.add(DurableTable(
+    app, name="verifications", key_type=bytes, value_type=bytes,
+    partitions=settings.partitions, beacon=app.tables.beacon))
 deadlines = Deadlines()
 app.on_partitions_assigned.connect(deadlines.forget_all)
 app.on_partitions_revoked.connect(deadlines.forget_all)
@@ -152,7 +166,8 @@ async def apply(key: bytes, command: Command, partition: int, topic: str | None 
     if isinstance(events[0], Started) and state.deadline is not None:
         deadlines.add(partition, state.deadline, key)
     if any(isinstance(event, SmsRequested) for event in events):
-        await app.producer.flush()  # the table write above is acknowledged by Kafka
+        assert verifications.last_write is not None
+        await verifications.last_write  # the table write above is acknowledged by Kafka
         await send_sms(key, state)
 
 
