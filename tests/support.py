@@ -24,6 +24,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from broker.local import stop_process
+from replay import read_all
+from settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CODE_KEY = "test-code-hash-key-not-secret"
@@ -69,6 +71,12 @@ class Deployment:
 
     def topic(self, name: str) -> str:
         return self.prefix + name
+
+    def app_settings(self) -> Settings:
+        """The service's settings for this deployment, for in-process tools such as replay."""
+        env = self.env()
+        return Settings(kafka_bootstrap_servers=self.bootstrap, topic_prefix=env["TOPIC_PREFIX"],
+                        app_id=env["APP_ID"], partitions=int(env["PARTITIONS"]))
 
 
 class Worker:
@@ -180,26 +188,11 @@ class Client:
         """Every record of ``topic`` (for ``key``) up to its end as of now."""
         return [_decode(v) for v in await self.read_raw(self.d.topic(topic), key)]
 
-    async def read_raw(self, full_name: str, key: str | None = None) -> list[bytes]:
+    async def read_raw(self, full_name: str, key: str | None = None) -> list[bytes | None]:
         """Raw values of a topic named in full, up to its end as of now."""
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.d.bootstrap, enable_auto_commit=False)
-        await consumer.start()
-        try:
-            tps = [TopicPartition(full_name, p) for p in range(int(self.d.env()["PARTITIONS"]))]
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
-            ends = await consumer.end_offsets(tps)
-            values: list[bytes] = []
-            left = {tp for tp in tps if ends[tp] > 0}
-            while left:
-                batch = await consumer.getmany(*left, timeout_ms=500)
-                for messages in batch.values():
-                    values += [m.value for m in messages
-                               if key is None or m.key == key.encode()]
-                left = {tp for tp in left if await consumer.position(tp) < ends[tp]}
-            return values
-        finally:
-            await consumer.stop()
+        wanted = None if key is None else key.encode()
+        return [value async for k, value in read_all(self.d.app_settings(), full_name)
+                if wanted is None or k == wanted]
 
     async def outcomes(self, instance_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         return await self.read("verification.outcome", lambda r: len(r) >= 1, timeout,
@@ -213,7 +206,7 @@ class Client:
         return match.group()
 
 
-def _decode(raw: bytes) -> dict[str, Any]:
+def _decode(raw: bytes | None) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except (TypeError, ValueError):

@@ -14,7 +14,6 @@ from collections import defaultdict
 from typing import Any
 
 from replay import run as replay
-from settings import Settings
 from tests.support import Client, Deployment
 
 N = 600
@@ -29,12 +28,6 @@ def by_instance(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     for record in records:
         grouped[record["instance_id"]].append(record)
     return grouped
-
-
-def settings_of(deployment: Deployment) -> Settings:
-    env = deployment.env()
-    return Settings(kafka_bootstrap_servers=deployment.bootstrap, topic_prefix=env["TOPIC_PREFIX"],
-                    app_id=env["APP_ID"], partitions=int(env["PARTITIONS"]))
 
 
 async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
@@ -73,7 +66,7 @@ async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
         print(f"\n{N} verifications, 2 kills: {duplicates} duplicate outcomes, "
               f"{sum(len(c) - 1 for c in sms.values())} duplicate SMS commands (same code)")
 
-    report = await replay(settings_of(deployment))
+    report = await replay(deployment.app_settings())
     assert report.problems == []
     assert report.rebuilt == report.live == report.matching == N
 
@@ -84,13 +77,13 @@ async def test_replay_reports_a_difference(deployment: Deployment, start_worker)
         iid = await client.start()
         await client.respond(iid, await client.sms_code(iid))
         await client.outcomes(iid)
-        report = await replay(settings_of(deployment))
+        report = await replay(deployment.app_settings())
         assert report.ok
         assert report.matching == 1
         # An event nobody decided: replay must notice that the table disagrees.
         await client.send("verification.events", {
             "seq": 99, "type": "terminated", "instance_id": iid, "reason": "forged",
             "attempts": 0, "at": "2030-01-01T00:00:00Z"})
-        report = await replay(settings_of(deployment))
+        report = await replay(deployment.app_settings())
         assert not report.ok
         assert any(iid in problem for problem in report.problems)
