@@ -37,11 +37,11 @@ def redact(topic: str, value: bytes | None) -> bytes | None:
     try:
         parsed = json.loads(value)
     except ValueError:
-        return _DIGITS.sub("#", value.decode("utf-8", "replace")).encode()
+        parsed = None
     if isinstance(parsed, dict) and "code" in parsed:
         parsed["code"] = "<redacted>"
         return json.dumps(parsed).encode()
-    return _DIGITS.sub("#", value.decode("utf-8", "replace")).encode()
+    return _DIGITS.sub("#", value.decode("utf-8", "replace")).encode()  # not the expected shape
 
 
 async def dead_letter(event: EventT, error: str) -> None:
