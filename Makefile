@@ -20,10 +20,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 setup: $(BIN)/.installed
-	$(BIN)/python -m broker fetch
+	$(BIN)/python -m phoneverify.ops.broker fetch
 
 run: setup
-	$(BIN)/python -m broker run -- $(BIN)/phoneverify worker
+	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/phoneverify worker
 
 test: setup
 	$(BIN)/pytest
@@ -32,7 +32,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
 bench: setup
-	$(BIN)/python -m broker run -- $(BIN)/python bench/bench.py
+	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/python bench/bench.py
 
 clean:
 	rm -rf .local

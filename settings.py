@@ -10,8 +10,6 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ROOT = Path(__file__).resolve().parent
-
 
 class Settings(BaseSettings):
     """Every knob of the service. Defaults match the contract; see README 'Settings'."""
@@ -51,7 +49,8 @@ class Settings(BaseSettings):
     # Additions to the contract, for running several independent deployments on one broker.
     app_id: str = "phoneverify"
     topic_prefix: str = ""
-    data_dir: Path = ROOT / ".local" / "worker"
+    #: Generated keys and local table stores; relative to the working directory by default.
+    data_dir: Path = Path(".local") / "worker"
     log_level: str = "INFO"
 
     def _kept_secret(self, name: str, given: SecretStr | None) -> bytes:

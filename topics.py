@@ -13,7 +13,7 @@ import asyncio
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from settings import Settings
+from phoneverify.settings import Settings
 
 START = "verification.start"
 RESPONSE = "verification.response"

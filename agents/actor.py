@@ -20,11 +20,11 @@ from faust.types import EventT, StreamT
 from faust.types.tuples import FutureMessage
 from pydantic import BaseModel, ValidationError
 
-from agents.deadlines import Deadlines
-from agents.records import dead_letter, describe, log, record_time
-from app import app, events_topic, names, outcome_topic, settings, sms_topic
-from codes import draw_code, hash_code, sms_body
-from models.messages import (
+from phoneverify.agents.app import app, events_topic, names, outcome_topic, settings, sms_topic
+from phoneverify.agents.deadlines import Deadlines
+from phoneverify.agents.records import dead_letter, describe, log, record_time
+from phoneverify.models.codes import draw_code, hash_code, sms_body
+from phoneverify.models.messages import (
     Admission,
     Outcome,
     SendSms,
@@ -34,7 +34,7 @@ from models.messages import (
     Terminate,
     Tick,
 )
-from models.verification import (
+from phoneverify.models.verification import (
     TERMINAL,
     Answer,
     Command,

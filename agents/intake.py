@@ -5,10 +5,10 @@ from __future__ import annotations
 from faust.types import StreamT
 from pydantic import ValidationError
 
-from agents.records import dead_letter, describe, record_time
-from app import admitted_topic, app, settings, start_by_phone_topic, start_topic
-from models.messages import Admission, PhoneStart, StartVerification
-from models.phone import InvalidPhoneNumber, normalise
+from phoneverify.agents.app import admitted_topic, app, settings, start_by_phone_topic, start_topic
+from phoneverify.agents.records import dead_letter, describe, record_time
+from phoneverify.models.messages import Admission, PhoneStart, StartVerification
+from phoneverify.models.phone import InvalidPhoneNumber, normalise
 
 
 @app.agent(start_topic, concurrency=1)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from faust.types import StreamT
 from pydantic import ValidationError
 
-from agents.records import dead_letter, describe
-from app import admitted_topic, app, settings, start_by_phone_topic
-from models.messages import Admission, PhoneStart
-from models.ratelimit import Window, admit
+from phoneverify.agents.app import admitted_topic, app, settings, start_by_phone_topic
+from phoneverify.agents.records import dead_letter, describe
+from phoneverify.models.messages import Admission, PhoneStart
+from phoneverify.models.ratelimit import Window, admit
 
 windows = app.Table("rate-windows", key_type=bytes, value_type=bytes,
                     partitions=settings.partitions)

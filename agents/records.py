@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 from faust.types import EventT
 from pydantic import ValidationError
 
-from app import dead_letter_topic, names
-from models.messages import DeadLetter, explain
+from phoneverify.agents.app import dead_letter_topic, names
+from phoneverify.models.messages import DeadLetter, explain
 
 log = logging.getLogger("phoneverify")
 

@@ -12,10 +12,10 @@ import asyncio
 from faust.types import StreamT
 from pydantic import ValidationError
 
-from agents.records import dead_letter, describe, log
-from app import app, settings, sms_status_topic, sms_topic
-from models.messages import SendSms, SmsFailed, SmsSent
-from sms import backend_from, send_with_retry
+from phoneverify.agents.app import app, settings, sms_status_topic, sms_topic
+from phoneverify.agents.records import dead_letter, describe, log
+from phoneverify.models.messages import SendSms, SmsFailed, SmsSent
+from phoneverify.sms import backend_from, send_with_retry
 
 BATCH = 256
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from app import app, settings, tick_topic
-from models.messages import Tick
+from phoneverify.agents.app import app, settings, tick_topic
+from phoneverify.models.messages import Tick
 
 
 @app.timer(settings.tick_interval_seconds, on_leader=True)

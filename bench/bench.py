@@ -4,9 +4,10 @@
 
 (``--rate 50,200`` measures latency at several offered rates.)
 
-1. End-to-end throughput: one worker process (``python worker.py``, its own topic prefix and
-   app id), driven from outside over aiokafka: starts -> read each SMS for its code -> answer
-   it -> read the outcome. Completed verifications per second, first start to last outcome.
+1. End-to-end throughput: one worker process (``python -m phoneverify.agents.worker``, its own
+   topic prefix and app id), driven from outside over aiokafka: starts -> read each SMS for its
+   code -> answer it -> read the outcome. Completed verifications per second, first start to
+   last outcome.
 2. Latency at a fixed offered rate: response produced -> outcome received, p50/p99.
 3. A plain aiokafka consume-one/produce-one loop on the same broker, and the service's
    throughput against it, counted in Kafka records handled (consumed + produced) per
@@ -42,12 +43,8 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from agents.deadlines import Deadlines  # noqa: E402 - needs ROOT on the path as a script
-from broker.local import stop_process  # noqa: E402
-from models.verification import (  # noqa: E402
+from phoneverify.agents.deadlines import Deadlines
+from phoneverify.models.verification import (
     Expire,
     Start,
     Verification,
@@ -55,6 +52,9 @@ from models.verification import (  # noqa: E402
     fold,
     initial_state,
 )
+from phoneverify.ops.broker.local import stop_process
+
+ROOT = Path(__file__).resolve().parent.parent
 
 DIGITS = re.compile(r"\d+")
 CLIENT_TOPICS = ("verification.start", "verification.response", "verification.terminate")
@@ -109,7 +109,7 @@ class Deployment:
 
 
 class Worker:
-    """``python worker.py`` for a deployment, logging to a file; :meth:`stop` always works."""
+    """A worker process for a deployment, logging to a file; :meth:`stop` always works."""
 
     def __init__(self, deployment: Deployment, tmp: Path, profile: Path | None = None) -> None:
         self.log_path = tmp / "worker.log"
@@ -130,7 +130,7 @@ class Worker:
             "LOG_LEVEL": "INFO",
         }
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-        self.cmd = [sys.executable, *profiler, str(ROOT / "worker.py")]
+        self.cmd = [sys.executable, *profiler, "-m", "phoneverify.agents.worker"]
         self.process: subprocess.Popen[bytes] | None = None
 
     @property

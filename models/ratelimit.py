@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from models.messages import UtcTime
+from phoneverify.models.messages import UtcTime
 
 Verdict = Literal["admitted", "rate_limited"]
 

@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.messages import InstanceId, OutcomeReason, UtcTime
+from phoneverify.models.messages import InstanceId, OutcomeReason, UtcTime
 
 Status = Literal["new", "pending", "verified", "failed", "terminated"]
 FINAL: frozenset[Status] = frozenset({"verified", "failed", "terminated"})

@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Protocol
 
-from settings import Settings
+from phoneverify.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 
 def backend_from(settings: Settings) -> SmsBackend:
     """The backend SMS_BACKEND names: ``console`` (default) or ``twilio``."""
     if settings.sms_backend == "twilio":
-        from sms.twilio_sender import TwilioBackend
+        from phoneverify.sms.twilio_sender import TwilioBackend
 
         return TwilioBackend.from_settings(settings)
-    from sms.console import ConsoleBackend
+    from phoneverify.sms.console import ConsoleBackend
 
     return ConsoleBackend()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from sms import Delivery
+from phoneverify.sms import Delivery
 
 
 class ConsoleBackend:

@@ -15,8 +15,8 @@ from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
-from settings import Settings
-from sms import Delivery, TransientSmsError
+from phoneverify.settings import Settings
+from phoneverify.sms import Delivery, TransientSmsError
 
 #: Seconds one Messages request may take. The twilio async client sets no timeout of its own.
 DEFAULT_TIMEOUT = 10.0

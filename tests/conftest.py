@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.local import from_env
-from tests.support import Deployment, Worker
+from phoneverify.ops.broker.local import from_env
+
+from support import Deployment, Worker
 
 
 @pytest.fixture(scope="session")

@@ -23,9 +23,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from broker.local import stop_process
-from replay import read_all
-from settings import Settings
+from phoneverify.ops.broker.local import stop_process
+from phoneverify.ops.replay import read_all
+from phoneverify.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CODE_KEY = "test-code-hash-key-not-secret"
@@ -80,7 +80,7 @@ class Deployment:
 
 
 class Worker:
-    """A worker process (``python worker.py``); always stopped by the fixture that made it."""
+    """A worker process (``python -m phoneverify.agents.worker``), stopped by its fixture."""
 
     def __init__(self, deployment: Deployment, name: str = "w1", **extra: str) -> None:
         self.deployment = deployment
@@ -95,7 +95,7 @@ class Worker:
     def start(self, timeout: float = 90.0) -> Worker:
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "phoneverify.agents.worker"], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,
         )

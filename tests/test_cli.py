@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from models.phone import mask
-from tests.support import ROOT, Client, Deployment, Worker
+from phoneverify.interfaces import cli
+from phoneverify.models.phone import mask
+
+from support import ROOT, Client, Deployment, Worker
 
 PHONEVERIFY = str(Path(sys.executable).parent / "phoneverify")
 PHONE = "+1 425-555-0100"
@@ -106,7 +107,7 @@ async def test_help_teaches_with_examples():
         assert words in result.out
     result = await run({}, "respond", "--help")
     assert result.code == 0 and "example:\n  phoneverify respond signup-42 0042" in result.out
-    result = await run({}, "watch", "--help", program=(sys.executable, "cli.py"))
+    result = await run({}, "watch", "--help", program=(sys.executable, "-m", "phoneverify.interfaces.cli"))
     assert result.code == 0 and "--timeout SECONDS" in result.out
     result = await run({}, "status", "--help")
     assert "--api-key" in result.out and "--url" in result.out
@@ -221,7 +222,7 @@ async def test_exit_codes(shared, args, extra, code, words):
 
 
 def test_replay_is_delegated_to_replay_main(monkeypatch):
-    import replay
+    from phoneverify.ops import replay
 
     seen: list[list[str]] = []
 

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from client import (
+from phoneverify.interfaces.client import (
     InvalidInput,
     KafkaUnavailable,
     OutcomeTimeout,
     VerificationClient,
     VerificationError,
 )
-from codes import draw_code
-from tests.support import TEST_CODE_KEY, Client, Deployment, Worker
+from phoneverify.models.codes import draw_code
+
+from support import TEST_CODE_KEY, Client, Deployment, Worker
 
 PHONE = "+1 425-555-0100"
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from codes import draw_code, hash_code, sms_body
+from phoneverify.models.codes import draw_code, hash_code, sms_body
 
 KEY = b"unit-test-code-key"
 OTHER_KEY = b"unit-test-code-key-2"

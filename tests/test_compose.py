@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from settings import Settings
+from phoneverify.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
-POM = ROOT / "broker" / "pom.xml"
+POM = ROOT / "ops" / "broker" / "pom.xml"
 PYPROJECT = ROOT / "pyproject.toml"
 
 #: Values for the variables the compose file requires (``${NAME:?...}``).

@@ -13,8 +13,9 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
-from replay import run as replay
-from tests.support import Client, Deployment
+from phoneverify.ops.replay import run as replay
+
+from support import Client, Deployment
 
 N = 600
 # A long window (restarts must not expire anything) and a short session timeout (so the group

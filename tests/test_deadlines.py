@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from agents.deadlines import Deadlines
+from phoneverify.agents.deadlines import Deadlines
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from codes import draw_code, hash_code
-from models.phone import mask
-from tests.support import TEST_CODE_KEY, Client, Worker
+from phoneverify.models.codes import draw_code, hash_code
+from phoneverify.models.phone import mask
+
+from support import TEST_CODE_KEY, Client, Worker
 
 KEY = {"X-API-Key": "test-api-key"}
 PHONE = "+1 425-555-0100"

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from models.messages import (
+from phoneverify.models.messages import (
     DeadLetter,
     Outcome,
     SendSms,

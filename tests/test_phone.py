@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.phone import InvalidPhoneNumber, mask, normalise
+from phoneverify.models.phone import InvalidPhoneNumber, mask, normalise
 
 
 @pytest.mark.parametrize(("raw", "region", "e164"), [

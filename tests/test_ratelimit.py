@@ -8,7 +8,7 @@ import hypothesis
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from models.ratelimit import Window, admit
+from phoneverify.models.ratelimit import Window, admit
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 LIMIT = 5

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from tests.support import Client, Deployment, Worker, quiesce
+from support import Client, Deployment, Worker, quiesce
 
 TIMEOUT = 4.0
 TICK = 0.2

@@ -3,7 +3,7 @@ starts again and still has its table (recovered from the changelog), seen throug
 
 from __future__ import annotations
 
-from tests.support import Client
+from support import Client
 
 
 async def test_table_survives_a_restart(deployment, start_worker):

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from settings import Settings
-from sms import Delivery, TransientSmsError, backend_from, send_with_retry
-from sms.console import ConsoleBackend
-from sms.twilio_sender import TwilioBackend
-from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, INVALID_NUMBER, FakeTwilio
+from phoneverify.settings import Settings
+from phoneverify.sms import Delivery, TransientSmsError, backend_from, send_with_retry
+from phoneverify.sms.console import ConsoleBackend
+from phoneverify.sms.twilio_sender import TwilioBackend
+
+from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, INVALID_NUMBER, FakeTwilio
 
 # The twilio client's basic auth goes through aiohttp's deprecated ``auth=``; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tests.fake_twilio import ACCOUNT_SID, AUTH_TOKEN, INVALID_NUMBER, FakeTwilio
-from tests.support import Client, Deployment
+from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, INVALID_NUMBER, FakeTwilio
+from support import Client, Deployment
 
 FROM = "+14255550199"
 

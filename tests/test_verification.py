@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from codes import hash_code
-from models.verification import (
+from phoneverify.models.codes import hash_code
+from phoneverify.models.verification import (
     TERMINAL,
     Answer,
     CodeRejected,

@@ -21,9 +21,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import TypeAdapter
 
-from models.verification import Event, Verification, evolve, initial_state
-from settings import Settings
-from topics import Names
+from phoneverify.models.verification import Event, Verification, evolve, initial_state
+from phoneverify.settings import Settings
+from phoneverify.topics import Names
 
 EVENT = TypeAdapter(Event)
 

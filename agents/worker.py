@@ -8,8 +8,8 @@ import sys
 
 
 def run_worker(argv: list[str] | None = None) -> None:
-    from settings import Settings
-    from topics import ensure_topics
+    from phoneverify.settings import Settings
+    from phoneverify.topics import ensure_topics
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level)
@@ -17,7 +17,9 @@ def run_worker(argv: list[str] | None = None) -> None:
     created = asyncio.run(ensure_topics(settings))
     if created:
         print(f"created topics: {', '.join(created)}", flush=True)
-    from app import app  # imported after the topics exist: Faust subscribes on start
+    from phoneverify.agents.app import (
+        app,  # imported after the topics exist: Faust subscribes on start
+    )
 
     if not settings.api_key_value:
         print("WARNING: API_KEY is empty: the HTTP API accepts requests without a key "

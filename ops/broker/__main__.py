@@ -1,4 +1,4 @@
-"""``python -m broker start|stop|status|run -- CMD...``: the local development broker.
+"""``python -m phoneverify.ops.broker fetch|status|run -- CMD...``: the local broker.
 
 ``run`` starts the broker unless one answers, runs CMD in the foreground, forwards Ctrl-C and
 SIGTERM to it, and stops the broker afterwards if it started it.
@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from broker.local import BrokerError, from_env, metadata_ready
+from phoneverify.ops.broker.local import BrokerError, from_env, metadata_ready
 
 
 def _run(cmd: list[str]) -> int:
@@ -41,7 +41,7 @@ def _run(cmd: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m broker", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m phoneverify.ops.broker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     sub.add_parser("fetch", help="download the broker's jars (cached)")

@@ -27,10 +27,10 @@ from faust.types import TP, TopicT
 from faust.web import exceptions
 from pydantic import ValidationError
 
-from agents.actor import Stored, verifications
-from agents.records import describe, log
-from app import app, response_topic, settings, start_topic, terminate_topic
-from models.messages import (
+from phoneverify.agents.actor import Stored, verifications
+from phoneverify.agents.app import app, response_topic, settings, start_topic, terminate_topic
+from phoneverify.agents.records import describe, log
+from phoneverify.models.messages import (
     INSTANCE_ID,
     Message,
     StartVerification,
@@ -38,8 +38,8 @@ from models.messages import (
     Terminate,
     iso,
 )
-from models.phone import InvalidPhoneNumber, mask, normalise
-from models.verification import Verification
+from phoneverify.models.phone import InvalidPhoneNumber, mask, normalise
+from phoneverify.models.verification import Verification
 
 EVENT = "SmsChallengeResponse"
 

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaClient
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
 LOG4J = HERE / "log4j.properties"
-DEFAULT_HOME = HERE.parent / ".local" / "kafka"
+DEFAULT_HOME = Path(".local") / "kafka"  # in the working directory, as the worker's DATA_DIR
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0,

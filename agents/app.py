@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import faust
 
-import faust_fixes
-from settings import Settings
-from topics import Names
+from phoneverify.ops import faust_fixes
+from phoneverify.settings import Settings
+from phoneverify.topics import Names
 
 faust_fixes.apply()
 settings = Settings()
@@ -65,9 +65,9 @@ start_by_phone_topic = _topic(names.start_by_phone)
 admitted_topic = _topic(names.admitted)
 
 # Registers the agents, tables, timer and HTTP views on ``app``.
-import agents.actor  # noqa: E402
-import agents.intake  # noqa: E402
-import agents.ratelimit  # noqa: E402
-import agents.sender  # noqa: E402
-import agents.ticker  # noqa: E402,F401
-import web  # noqa: E402,F401
+import phoneverify.agents.actor  # noqa: E402
+import phoneverify.agents.intake  # noqa: E402
+import phoneverify.agents.ratelimit  # noqa: E402
+import phoneverify.agents.sender  # noqa: E402
+import phoneverify.agents.ticker  # noqa: E402
+import phoneverify.interfaces.http  # noqa: E402,F401

@@ -118,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     if args.command == "worker":
-        from worker import run_worker
+        from phoneverify.agents.worker import run_worker
 
         run_worker(rest)
         return OK
     if args.command == "replay":
-        import replay
+        from phoneverify.ops import replay
 
         return replay.main(rest)
     if rest:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 @contextlib.asynccontextmanager
 async def _client(args: argparse.Namespace) -> AsyncIterator[Any]:
     """A client that connects at its first use, so input is checked before Kafka is asked."""
-    from client import VerificationClient
+    from phoneverify.interfaces.client import VerificationClient
 
     client = VerificationClient(args.bootstrap_servers)
     try:
@@ -157,7 +157,7 @@ async def _client(args: argparse.Namespace) -> AsyncIterator[Any]:
 
 async def _kafka(run: Callable[[], Awaitable[int]]) -> int:
     """Run ``run`` turning the client's exceptions into exit codes."""
-    from client import InvalidInput, KafkaUnavailable, OutcomeTimeout
+    from phoneverify.interfaces.client import InvalidInput, KafkaUnavailable, OutcomeTimeout
 
     try:
         return await run()
@@ -168,8 +168,8 @@ async def _kafka(run: Callable[[], Awaitable[int]]) -> int:
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
-    from models.phone import InvalidPhoneNumber, normalise
-    from settings import Settings
+    from phoneverify.models.phone import InvalidPhoneNumber, normalise
+    from phoneverify.settings import Settings
 
     async def run() -> int:
         async with _client(args) as client:
@@ -262,7 +262,7 @@ def _print_outcome(outcome: Any, as_json: bool) -> None:
 
 
 def _time(value: Any) -> str:
-    from models.messages import iso
+    from phoneverify.models.messages import iso
 
     return iso(value)
 
@@ -280,8 +280,8 @@ RUNTIME = {
 async def cmd_status(args: argparse.Namespace) -> int:
     import aiohttp
 
-    from client import InvalidInput, check_instance_id
-    from settings import Settings
+    from phoneverify.interfaces.client import InvalidInput, check_instance_id
+    from phoneverify.settings import Settings
 
     settings = Settings()
     url = (args.url or f"http://127.0.0.1:{settings.web_port}").rstrip("/")

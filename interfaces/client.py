@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
-from models.messages import (
+from phoneverify.models.messages import (
     INSTANCE_ID,
     Message,
     Outcome,
@@ -40,9 +40,9 @@ from models.messages import (
     Terminate,
     explain,
 )
-from models.phone import InvalidPhoneNumber, normalise
-from settings import Settings
-from topics import Names
+from phoneverify.models.phone import InvalidPhoneNumber, normalise
+from phoneverify.settings import Settings
+from phoneverify.topics import Names
 
 log = logging.getLogger("phoneverify.client")
 
