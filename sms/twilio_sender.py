@@ -67,8 +67,9 @@ class TwilioBackend:
             self._client = client
         return self._client
 
-    async def send(self, to: str, body: str) -> Delivery:
-        """Send ``body`` to ``to`` (E.164); see the module docstring for the outcomes."""
+    async def send(self, to: str, body: str, *, instance_id: str | None = None) -> Delivery:
+        """Send ``body`` to ``to`` (E.164); see the module docstring for the outcomes.
+        ``instance_id`` is not sent: the phone sees only the body."""
         try:
             async with asyncio.timeout(self._timeout):
                 message = await self._twilio().messages.create_async(

@@ -218,3 +218,24 @@ async def test_console_backend_prints_the_body(capsys: pytest.CaptureFixture[str
     assert first.ok
     assert first.provider_id != second.provider_id
     assert capsys.readouterr().out.splitlines() == [f"[sms to {TO}] {BODY}"] * 2
+
+
+async def test_console_line_names_the_verification(capsys: pytest.CaptureFixture[str]) -> None:
+    """Two codes for one number: a script tells them apart by the instance id on the line."""
+    console = ConsoleBackend()
+
+    await send_with_retry(console, TO, BODY, instance_id="signup-42")
+    await console.send(TO, "Your verification code is 0042", instance_id="login-7")
+
+    assert capsys.readouterr().out.splitlines() == [
+        f"[sms to {TO} for signup-42] {BODY}",
+        f"[sms to {TO} for login-7] Your verification code is 0042",
+    ]
+
+
+async def test_twilio_backend_does_not_send_the_instance_id(
+        fake: FakeTwilio, backend: TwilioBackend) -> None:
+    assert (await send_with_retry(backend, TO, BODY, instance_id="signup-42")).ok
+
+    [message] = fake.messages
+    assert (message.to, message.body) == (TO, BODY)
