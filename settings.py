@@ -1,4 +1,7 @@
-"""Settings from the environment (names as in the wire contract), read with pydantic-settings."""
+"""Every knob of the service, from the environment (names as in the wire contract).
+
+Read with pydantic-settings; ``phoneverify worker --help`` lists them with their defaults.
+"""
 
 from __future__ import annotations
 
@@ -10,48 +13,86 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from phoneverify.models.admission import Limits
+from phoneverify.models.phone import NumberPolicy
+
+
+def _items(csv: str) -> frozenset[str]:
+    return frozenset(item.strip() for item in csv.split(",") if item.strip())
+
 
 class Settings(BaseSettings):
-    """Every knob of the service. Defaults match the contract; see README 'Settings'."""
+    """Defaults match the contract; see README 'Settings'."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", frozen=True)
 
-    kafka_bootstrap_servers: str = "127.0.0.1:9092"
-    partitions: int = Field(8, ge=1, le=1024)
-    replication_factor: int = Field(1, ge=1)
-    verification_timeout_seconds: float = Field(90.0, gt=0)
-    verification_max_attempts: int = Field(4, ge=1, le=100)
-    verification_code_length: int = Field(4, ge=4, le=10)
-    tick_interval_seconds: float = Field(1.0, gt=0)
-    rate_limit_starts: int = Field(5, ge=1)
-    rate_limit_window_seconds: float = Field(600.0, gt=0)
-
-    sms_backend: Literal["console", "twilio"] = "console"
+    # ------------------------------------------------------------ the contract's
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="brokers, comma-separated")
+    partitions: int = Field(8, ge=1, le=1024, description="partitions of every topic")
+    verification_timeout_seconds: float = Field(90.0, gt=0, description="the answer window")
+    verification_max_attempts: int = Field(4, ge=1, le=100, description="tries per verification")
+    verification_code_length: int = Field(4, ge=4, le=10, description="digits in a code")
+    tick_interval_seconds: float = Field(1.0, gt=0, description="expiry is at most this late")
+    rate_limit_starts: int = Field(5, ge=1, description="starts per number per window")
+    rate_limit_window_seconds: float = Field(600.0, gt=0, description="the start rate window")
+    early_command_grace_seconds: float = Field(
+        10.0, ge=0, description="how long a response or terminate waits for its start")
+    guess_limit: int = Field(20, ge=1, description="wrong codes per number per guess window")
+    guess_limit_window_seconds: float = Field(86400.0, gt=0, description="the guess window")
+    phone_allowed_regions: str = Field(
+        "", description="ISO 3166 region codes served, comma-separated; empty: all")
+    phone_allowed_types: str = Field(
+        "mobile,fixed_line_or_mobile", description="libphonenumber number types served")
+    sms_topic_retention_seconds: float = Field(
+        3600.0, gt=0, description="how long verification.sms keeps codes")
+    verification_retention_seconds: float = Field(
+        3600.0, ge=0, description="how long a concluded verification is kept")
+    sms_backend: Literal["console", "twilio"] = Field(
+        "console", description="console (prints each SMS) or twilio")
     twilio_account_sid: str = ""
     twilio_auth_token: SecretStr = SecretStr("")
     twilio_phone_number: str = ""
+    code_hash_key: SecretStr | None = Field(
+        None, description="key for drawing and hashing codes; unset: generated into DATA_DIR")
+    web_port: int = Field(6066, description="the HTTP API and page")
+    api_key: SecretStr | None = Field(
+        None, description="the X-API-Key; unset: generated into DATA_DIR; empty: no check")
+    http_reply_timeout_seconds: float = Field(
+        10.0, gt=0, description="how long an HTTP write waits for the actor's reply")
+
+    # ------------------------------------------------------------ additions
+    api_keys: str = Field("", description="more accepted API keys, comma-separated (rotation)")
+    http_max_body_bytes: int = Field(4096, ge=64, description="largest HTTP request body")
+    replication_factor: int = Field(1, ge=1, description="for the topics a worker creates")
+    web_host: str = Field("127.0.0.1", description="the address the HTTP server binds")
+    web_advertised_host: str | None = Field(
+        None, description="how other workers reach this one (default WEB_HOST)")
+    phone_default_region: str = Field("US", description="region of numbers typed without +")
+    public_base_url: str | None = Field(
+        None, description="this service's public URL, for Twilio delivery receipts")
+    app_id: str = Field("phoneverify", description="consumer group and changelog names")
+    topic_prefix: str = Field("", description="before every topic name")
+    data_dir: Path = Field(Path(".local") / "worker",
+                           description="generated keys and the local table stores")
+    log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field("text", description="text or json log lines")
     #: Where the Twilio client sends requests; only tests point it at a local fake.
     twilio_base_url: str | None = None
 
-    #: Secret key for the keyed hash (and derivation) of codes; same on every worker.
-    code_hash_key: SecretStr | None = None
-    #: Key required in ``X-API-Key``; unset: generated once and kept in DATA_DIR;
-    #: empty: no check (local use only).
-    api_key: SecretStr | None = None
+    # ------------------------------------------------------------ derived
 
-    web_host: str = "127.0.0.1"
-    web_port: int = 6066
-    #: How other workers reach this one's web server (status requests are routed there).
-    web_advertised_host: str | None = None
-    #: Region assumed for phone numbers typed without a country code.
-    phone_default_region: str = "US"
+    @cached_property
+    def number_policy(self) -> NumberPolicy:
+        regions = frozenset(region.upper() for region in _items(self.phone_allowed_regions))
+        return NumberPolicy(regions=regions, types=_items(self.phone_allowed_types.lower()))
 
-    # Additions to the contract, for running several independent deployments on one broker.
-    app_id: str = "phoneverify"
-    topic_prefix: str = ""
-    #: Generated keys and local table stores; relative to the working directory by default.
-    data_dir: Path = Path(".local") / "worker"
-    log_level: str = "INFO"
+    @cached_property
+    def limits(self) -> Limits:
+        return Limits(starts=self.rate_limit_starts, starts_window=self.rate_limit_window_seconds,
+                      guesses=self.guess_limit, guess_window=self.guess_limit_window_seconds,
+                      max_attempts=self.verification_max_attempts,
+                      timeout=self.verification_timeout_seconds,
+                      hold=self.early_command_grace_seconds + self.tick_interval_seconds)
 
     def _kept_secret(self, name: str, given: SecretStr | None) -> bytes:
         """The given secret, or one generated with ``secrets`` once and kept in DATA_DIR."""
@@ -73,6 +114,8 @@ class Settings(BaseSettings):
         """The API key in force; empty means the check is off."""
         return self._kept_secret("api_key", self.api_key).decode()
 
-
-def get_settings() -> Settings:
-    return Settings()
+    @cached_property
+    def accepted_api_keys(self) -> tuple[str, ...]:
+        """Every key the HTTP API accepts (API_KEY and API_KEYS); empty: the check is off."""
+        keys = [self.api_key_value, *sorted(_items(self.api_keys))]
+        return tuple(k for k in keys if k)

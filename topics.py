@@ -1,17 +1,21 @@
-"""Topic names, their Kafka configuration, and their creation before any worker subscribes.
+"""The wiring contract: topic names, keys, partitions, configurations, and their creation.
 
-Every topic here has ``PARTITIONS`` partitions. All but ``START_BY_PHONE`` are keyed by
+Every topic here has ``PARTITIONS`` partitions. All but ``ADMISSION`` are keyed by
 ``instance_id``, so one verification lives on one partition number across all of them (the
-Faust tables' changelogs included). Input topics stamp records with the broker's clock
-(``LogAppendTime``): the actor's notion of time comes from records, not from clients' clocks.
+tables' changelogs included): the partition Java's default partitioner gives the key.
+Input topics stamp records with the broker's clock (``LogAppendTime``): the actor's notion of
+time comes from records, not from clients' clocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from phoneverify.settings import Settings
 
@@ -24,22 +28,41 @@ SMS_STATUS = "verification.sms-status"
 EVENTS = "verification.events"
 OUTCOME = "verification.outcome"
 DEAD_LETTER = "verification.dead-letter"
-# Internal: starts re-keyed by phone number for the rate limiter, and its verdicts.
-START_BY_PHONE = "verification.start-by-phone"
+REPLIES = "verification.replies"
+# Internal. Admission's input, keyed by phone number: parsed starts, settlements, ticks.
+ADMISSION = "verification.admission"
+# Admission's verdicts, keyed by instance id, for the actor.
 ADMITTED = "verification.admitted"
+# Responses and terminates that a client's partitioner put on another partition than the
+# service's, moved to the right one (with their original time and coordinates).
+REROUTED = "verification.rerouted"
 
-BROKER_TIME = {"message.timestamp.type": "LogAppendTime"}
-FOREVER = {"retention.ms": "-1"}
-
-CONFIGS: dict[str, dict[str, str]] = {
-    START: BROKER_TIME,
-    RESPONSE: BROKER_TIME,
-    TERMINATE: BROKER_TIME,
-    EVENTS: FOREVER,  # the source of truth for replay
-    OUTCOME: FOREVER,
-}
 ALL = (START, RESPONSE, TERMINATE, TICK, SMS, SMS_STATUS, EVENTS, OUTCOME, DEAD_LETTER,
-       START_BY_PHONE, ADMITTED)
+       REPLIES, ADMISSION, ADMITTED, REROUTED)
+
+log = logging.getLogger("phoneverify")
+
+
+def configs(settings: Settings) -> dict[str, dict[str, str]]:
+    """Each topic's configuration beyond the broker's defaults."""
+    broker_time = {"message.timestamp.type": "LogAppendTime"}
+    forever = {"retention.ms": "-1"}
+    return {
+        START: broker_time,
+        RESPONSE: broker_time,
+        TERMINATE: broker_time,
+        # Plain codes: kept no longer than needed to deliver them (rule 13).
+        SMS: {"retention.ms": str(int(settings.sms_topic_retention_seconds * 1000))},
+        EVENTS: forever,  # the audit trail; replay reads it
+        OUTCOME: forever,
+        REPLIES: {"retention.ms": str(24 * 3600 * 1000)},  # answers are read at once
+        REROUTED: {"message.timestamp.type": "CreateTime"},  # keeps the original's time
+    }
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition Java's default partitioner (murmur2) gives ``key``, as aiokafka's."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 class Names:
@@ -56,27 +79,27 @@ class Names:
         self.events = prefix + EVENTS
         self.outcome = prefix + OUTCOME
         self.dead_letter = prefix + DEAD_LETTER
-        self.start_by_phone = prefix + START_BY_PHONE
+        self.replies = prefix + REPLIES
+        self.admission = prefix + ADMISSION
         self.admitted = prefix + ADMITTED
+        self.rerouted = prefix + REROUTED
 
     def all(self) -> list[str]:
         return [self.prefix + name for name in ALL]
 
 
-def names(settings: Settings) -> Names:
-    return Names(settings.topic_prefix)
-
-
 async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create every topic with its partition count; returns those that were new."""
+    """Create every topic with its partition count and configuration, and bring the
+    configuration of existing ones in line; returns the topics that were new."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
+        wanted_configs = configs(settings)
         existing = set(await admin.list_topics())
         wanted = [
             NewTopic(settings.topic_prefix + name, settings.partitions,
-                     settings.replication_factor, topic_configs=CONFIGS.get(name, {}))
+                     settings.replication_factor, topic_configs=wanted_configs.get(name, {}))
             for name in ALL
             if settings.topic_prefix + name not in existing
         ]
@@ -85,10 +108,36 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
             for name, code, *_ in response.topic_errors:
                 if code not in (0, TopicAlreadyExistsError.errno):  # another worker won the race
                     raise RuntimeError(f"creating topic {name} failed with Kafka error {code}")
+        await _align_configs(admin, settings, existing, wanted_configs)
         await _wait_for_metadata(admin, [t.name for t in wanted], timeout)
         return [t.name for t in wanted]
     finally:
         await admin.close()
+
+
+async def _align_configs(admin: AIOKafkaAdminClient, settings: Settings, existing: set[str],
+                         wanted: dict[str, dict[str, str]]) -> None:
+    """Alter the configuration of topics that exist with other values (say, a retention)."""
+    names = [name for name in wanted if settings.topic_prefix + name in existing]
+    if not names:
+        return
+    resources = [ConfigResource(ConfigResourceType.TOPIC, settings.topic_prefix + name)
+                 for name in names]
+    described = await admin.describe_configs(resources)
+    current: dict[str, dict[str, str | None]] = {}
+    for response in described:
+        for _code, _message, _type, name, entries in response.resources:
+            current[name] = {entry[0]: entry[1] for entry in entries}
+    for name in names:
+        full = settings.topic_prefix + name
+        have = current.get(full, {})
+        if all(have.get(key) == value for key, value in wanted[name].items()):
+            continue
+        # Incremental alteration is not in aiokafka; a full AlterConfigs sets every given
+        # key and resets the rest to the broker's defaults, so send all we set.
+        await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, full,
+                                                  configs=wanted[name])])
+        log.info("topic %s: configuration set to %s", full, wanted[name])
 
 
 async def _wait_for_metadata(admin: AIOKafkaAdminClient, topics: list[str], timeout: float) -> None:

@@ -1,36 +1,57 @@
-"""Intake: parse starts, normalise phone numbers, re-key them by phone number for the limiter."""
+"""Intake: parse starts, apply the number policy, re-key admissible ones by number.
+
+Stateless, so it does not care which partition a start was written to. An invalid or blocked
+number is refused here: the verdict goes straight to the actor (which answers and publishes
+the outcome, since the instance id is known).
+"""
 
 from __future__ import annotations
 
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
-from phoneverify.agents.app import admitted_topic, app, settings, start_by_phone_topic, start_topic
-from phoneverify.agents.records import dead_letter, describe, record_time
+from phoneverify.agents.app import app, names, settings, start_topic
+from phoneverify.agents.batch import Outbox, batches
+from phoneverify.agents.records import dead_letter, describe, origin_of, record_time
 from phoneverify.models.messages import Admission, PhoneStart, StartVerification
-from phoneverify.models.phone import InvalidPhoneNumber, normalise
+from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, admissible
+from phoneverify.topics import partition_for
 
 
 @app.agent(start_topic, concurrency=1)
 async def intake(stream: StreamT[bytes]) -> None:
-    async for event in stream.events():
-        try:
-            start = StartVerification.from_bytes(event.value)
-        except ValidationError as error:
-            await dead_letter(event, describe(error))
-            continue
-        key = start.instance_id.encode()
-        if event.message.key not in (None, key):
-            await dead_letter(event, "record key must be the instance_id")
-            continue
-        at = record_time(event)
-        try:
-            phone = normalise(start.phone_number, settings.phone_default_region)
-        except InvalidPhoneNumber as error:
-            await dead_letter(event, f"phone_number: {error}")
-            verdict = Admission(instance_id=start.instance_id, verdict="invalid_phone_number",
-                                requested_at=at)
-            await admitted_topic.send(key=key, value=verdict.to_bytes())
-            continue
-        forward = PhoneStart(instance_id=start.instance_id, phone_number=phone, requested_at=at)
-        await start_by_phone_topic.send(key=phone.encode(), value=forward.to_bytes())
+    async for batch in batches(stream):
+        outbox = Outbox()
+        for event in batch:
+            await take(outbox, event)
+        await outbox.flush()
+
+
+async def take(outbox: Outbox, event: EventT) -> None:
+    try:
+        start = StartVerification.from_bytes(event.value)
+    except (ValidationError, ValueError) as error:
+        await dead_letter(outbox, event, describe(error))
+        return
+    key = start.instance_id.encode()
+    if event.message.key != key:
+        await dead_letter(outbox, event, "record key must be the instance_id (UTF-8)")
+        return
+    at, origin = record_time(event), origin_of(event)
+    try:
+        phone = admissible(start.phone_number, settings.phone_default_region,
+                           settings.number_policy)
+    except (InvalidPhoneNumber, BlockedNumber) as error:
+        if isinstance(error, InvalidPhoneNumber):
+            await dead_letter(outbox, event, f"phone_number: {error}")
+        verdict = Admission(
+            instance_id=start.instance_id, requested_at=at, origin=origin,
+            request_id=start.request_id, detail=str(error),
+            verdict="invalid_phone_number" if isinstance(error, InvalidPhoneNumber)
+            else "blocked_number")
+        await outbox.send(names.admitted, key, verdict.to_bytes(),
+                          partition=partition_for(key, settings.partitions))
+        return
+    forward = PhoneStart(instance_id=start.instance_id, phone_number=phone, requested_at=at,
+                         origin=origin, request_id=start.request_id)
+    await outbox.send(names.admission, phone.encode(), forward.to_bytes())

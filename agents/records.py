@@ -1,4 +1,4 @@
-"""Helpers shared by the agents: record time, validation errors, dead letters."""
+"""Helpers shared by the agents: record time and origin, validation errors, dead letters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from faust.types import EventT
 from pydantic import ValidationError
 
-from phoneverify.agents.app import dead_letter_topic, names
+from phoneverify.agents.app import names
+from phoneverify.agents.batch import Outbox
 from phoneverify.models.messages import DeadLetter, explain
 
 log = logging.getLogger("phoneverify")
@@ -23,6 +24,12 @@ def record_time(event: EventT) -> datetime:
     return datetime.fromtimestamp(event.message.timestamp, UTC)
 
 
+def origin_of(event: EventT) -> str:
+    """Where a record sits: ``topic:partition:offset``."""
+    message = event.message
+    return f"{message.topic}:{message.partition}:{message.offset}"
+
+
 def describe(error: Exception) -> str:
     """A validation error as ``field: why`` pairs, never echoing the input (it may be a code)."""
     if isinstance(error, ValidationError):
@@ -32,7 +39,7 @@ def describe(error: Exception) -> str:
 
 def redact(topic: str, value: bytes | None) -> bytes | None:
     """The record value with any code removed (responses carry codes; nothing else does)."""
-    if value is None or topic != names.response:
+    if value is None or topic not in (names.response, names.rerouted):
         return value
     try:
         parsed = json.loads(value)
@@ -44,11 +51,17 @@ def redact(topic: str, value: bytes | None) -> bytes | None:
     return _DIGITS.sub("#", value.decode("utf-8", "replace")).encode()  # not the expected shape
 
 
-async def dead_letter(event: EventT, error: str) -> None:
-    """Send the record to the dead-letter topic with the reason, and log it; the stream goes on."""
+def letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
+           error: str) -> DeadLetter:
+    """A dead letter for a record (its value redacted), logged as it is made."""
+    dead = DeadLetter.of(topic, partition, offset, key, redact(topic, value), error)
+    log.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, dead.error)
+    return dead
+
+
+async def dead_letter(outbox: Outbox, event: EventT, error: str) -> None:
+    """Send the record to the dead-letter topic with the reason; the stream goes on."""
     message = event.message
-    letter = DeadLetter.of(message.topic, message.partition, message.offset, message.key,
-                           redact(message.topic, message.value), error)
-    log.warning("dead letter from %s[%d]@%d: %s", message.topic, message.partition,
-                message.offset, letter.error)
-    await dead_letter_topic.send(key=message.key, value=letter.to_bytes())
+    dead = letter(message.topic, message.partition, message.offset, message.key,
+                  message.value, error)
+    await outbox.send(names.dead_letter, message.key, dead.to_bytes())

@@ -1,8 +1,9 @@
 """``phoneverify``: the command line (``phoneverify --help``).
 
 Every command but ``worker``, ``status`` and ``replay`` talks to Kafka through the client
-library (:mod:`client`); ``status`` asks a worker's HTTP API. Settings come from the
-environment, as for the worker (KAFKA_BOOTSTRAP_SERVERS, TOPIC_PREFIX, WEB_PORT, API_KEY, ...).
+library (:mod:`phoneverify.interfaces.client`) and says what the service answered;
+``status`` asks a worker's HTTP API. Settings come from the environment, as for the worker
+(KAFKA_BOOTSTRAP_SERVERS, TOPIC_PREFIX, WEB_PORT, API_KEY, ...).
 """
 
 from __future__ import annotations
@@ -18,26 +19,30 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-OK, FAILED, USAGE, UNAVAILABLE = 0, 1, 2, 3
+OK, FAILED, USAGE, UNAVAILABLE, REFUSED = 0, 1, 2, 3, 4
 
 DESCRIPTION = "Verify phone numbers by SMS code: run workers, start and follow verifications."
 EPILOG = """\
 examples (a worker running: `make run`, or `phoneverify worker` with Kafka up):
-  phoneverify start "+1 425-555-0100"          start; prints the new verification's id
-  phoneverify start 4255550100 --id order-17   choose the id (1-64 of A-Z a-z 0-9 . _ -)
+  phoneverify start "+1 425-555-0142"          start; prints the new verification's id
+  phoneverify start 4255550143 --id order-17   choose the id (1-64 of A-Z a-z 0-9 . _ -)
   phoneverify respond order-17 0042            send back the code from the SMS (0042 != 42)
   phoneverify watch --id order-17              wait for its outcome; exit 0 if verified
   phoneverify status order-17 --json           ask a worker's HTTP API (needs API_KEY)
   phoneverify terminate order-17 --reason "user left"
   phoneverify watch --timeout 60               print every outcome for a minute
 
-exit codes:
-  0  done (for status and watch: verified, or still running)
-  1  failed or terminated verification, or no such verification
-  2  invalid input or usage
-  3  timeout, or Kafka / the worker unreachable
+start, respond and terminate wait for the service's answer and print it (--no-wait: only
+send). exit codes:
+  0  done: started, verified, terminated; for status and watch: verified or still running
+  1  not verified: a wrong code, too many attempts, too late; a failed or terminated outcome
+  2  invalid input or usage: a bad id or code, a number the service holds invalid or does
+     not serve
+  3  no answer: a timeout, Kafka or the worker unreachable (a command may still take effect)
+  4  refused: the id is in use, too many starts for the number, no such verification, or it
+     had already ended (nothing changed)
 
---json prints one JSON document per result (JSON lines for watch), for scripts.
+--json prints one JSON document per result (the service's reply; JSON lines for watch).
 """
 
 
@@ -66,29 +71,38 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=parents,
                               epilog=f"example:\n  {example}", formatter_class=raw)
 
-    sub.add_parser("worker", help="run a worker (settings from the environment)")
+    sub.add_parser("worker", help="run a worker (settings from the environment)",
+                   description="Run a worker: creates the topics, then consumes them. Settings "
+                               "come from the environment:", epilog=_settings_help(),
+                   formatter_class=raw)
+    ident = "the verification's id (as printed by start)"
+    commands = argparse.ArgumentParser(add_help=False, parents=[kafka])
+    commands.add_argument("--no-wait", action="store_true",
+                          help="only send it (acknowledged by Kafka); do not wait for the answer")
+    commands.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                          help="how long to wait for the answer (default 30)")
 
     start = command("start", "start a verification: one SMS with a code goes to PHONE",
-                    [kafka], 'phoneverify start "+1 425-555-0100" --id signup-42')
+                    [commands], 'phoneverify start "+1 425-555-0142" --id signup-42')
     start.add_argument("phone", metavar="PHONE",
                        help="phone number in any usual form; without a country code it is "
                             "read in $PHONE_DEFAULT_REGION (default US)")
     start.add_argument("--id", dest="instance_id", metavar="ID",
                        help="the verification's id (default: a new UUID4 hex)")
 
-    respond = command("respond", "send back the code the SMS carried", [kafka],
+    respond = command("respond", "send back the code the SMS carried", [commands],
                       "phoneverify respond signup-42 0042")
-    respond.add_argument("instance_id", metavar="ID")
+    respond.add_argument("instance_id", metavar="ID", help=ident)
     respond.add_argument("code", metavar="CODE", help="the digits, as received: 0042 is not 42")
 
-    terminate = command("terminate", "end a verification now (outcome: terminated)", [kafka],
-                        'phoneverify terminate signup-42 --reason "user cancelled"')
-    terminate.add_argument("instance_id", metavar="ID")
+    terminate = command("terminate", "end a verification now (outcome: terminated)",
+                        [commands], 'phoneverify terminate signup-42 --reason "user cancelled"')
+    terminate.add_argument("instance_id", metavar="ID", help=ident)
     terminate.add_argument("--reason", default="", help="why (up to 500 characters)")
 
     status = command("status", "show a verification's state, from a worker's HTTP API",
                      [common], "phoneverify status signup-42 --url http://127.0.0.1:6066")
-    status.add_argument("instance_id", metavar="ID")
+    status.add_argument("instance_id", metavar="ID", help=ident)
     status.add_argument("--url", help="a worker's web server (default: http://127.0.0.1:$WEB_PORT"
                                       ", WEB_PORT 6066 unless set)")
     status.add_argument("--api-key", help="the X-API-Key (default: $API_KEY, else the key a "
@@ -112,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild state from verification.events and compare "
                         "(phoneverify replay --help)")
     return parser
+
+
+def _settings_help() -> str:
+    """Every setting with its default, from the Settings model."""
+    from phoneverify.settings import Settings
+
+    lines = ["settings (environment variable=default):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if hasattr(default, "get_secret_value"):
+            default = default.get_secret_value()
+        lines.append(f"  {name.upper()}={'' if default is None else default}")
+        if field.description:
+            lines.append(f"      {field.description}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,65 +184,127 @@ async def _client(args: argparse.Namespace) -> AsyncIterator[Any]:
         await client.close()
 
 
-async def _kafka(run: Callable[[], Awaitable[int]]) -> int:
-    """Run ``run`` turning the client's exceptions into exit codes."""
-    from phoneverify.interfaces.client import InvalidInput, KafkaUnavailable, OutcomeTimeout
+async def _kafka(run: Callable[[], Awaitable[int]], as_json: bool = False) -> int:
+    """Run ``run`` turning the client's exceptions into messages and exit codes (and, with
+    ``--json``, printing the service's reply to a refused command)."""
+    from phoneverify.interfaces.client import (
+        BlockedNumber,
+        InvalidInput,
+        InvalidPhoneNumber,
+        KafkaUnavailable,
+        OutcomeTimeout,
+        Refused,
+        ReplyTimeout,
+    )
 
     try:
         return await run()
     except InvalidInput as error:
         raise Failure(str(error), USAGE) from None
-    except (KafkaUnavailable, OutcomeTimeout) as error:
+    except Refused as error:
+        if as_json:
+            print(error.reply.model_dump_json(), flush=True)
+        usage = isinstance(error, InvalidPhoneNumber | BlockedNumber)
+        raise Failure(str(error), USAGE if usage else REFUSED) from None
+    except (KafkaUnavailable, OutcomeTimeout, ReplyTimeout) as error:
         raise Failure(str(error), UNAVAILABLE) from None
 
 
 async def cmd_start(args: argparse.Namespace) -> int:
-    from phoneverify.models.phone import InvalidPhoneNumber, normalise
-    from phoneverify.settings import Settings
-
     async def run() -> int:
         async with _client(args) as client:
-            iid = await client.start(args.phone, args.instance_id)
-        try:
-            phone = normalise(args.phone, Settings().phone_default_region)
-        except InvalidPhoneNumber:  # pragma: no cover - start() has checked it
-            phone = args.phone
+            if args.no_wait:
+                iid = await client.send_start(args.phone, args.instance_id)
+                return _sent(args, iid, f"Start of {iid} sent (not waiting for the answer).")
+            reply = await client.start(args.phone, args.instance_id, timeout=args.timeout)
+        iid = reply.instance_id
         if args.json:
-            _print_json({"id": iid, "phone_number": phone})
-        else:
-            print(f"Started verification {iid}: an SMS with a code goes to {phone}.\n"
+            print(reply.model_dump_json(), flush=True)
+        elif reply.status == "pending":
+            print(f"Started verification {iid}: an SMS with a code is on its way; "
+                  f"{_attempts(reply.attempts_left)} until {_clock(reply.deadline)}.\n"
                   f"  send the code back: phoneverify respond {iid} CODE\n"
                   f"  wait for the outcome: phoneverify watch --id {iid}")
+        else:  # a terminate sent before the start ended it at once
+            print(f"Started verification {iid}, and it is already {reply.status}: a command "
+                  "sent before the start ended it; no SMS was sent.")
+            return FAILED
         return OK
 
-    return await _kafka(run)
+    return await _kafka(run, args.json)
 
 
 async def cmd_respond(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
-            await client.submit_code(args.instance_id, args.code)
+            if args.no_wait:
+                await client.send_code(args.instance_id, args.code)
+                return _sent(args, args.instance_id, f"Code for {args.instance_id} sent "
+                                                     "(not waiting for the answer).")
+            reply = await client.submit_code(args.instance_id, args.code,
+                                             timeout=args.timeout)
+        iid = reply.instance_id
         if args.json:
-            _print_json({"id": args.instance_id, "sent": True})
-        else:
-            print(f"Code sent for {args.instance_id}; the outcome: "
-                  f"phoneverify watch --id {args.instance_id}")
-        return OK
+            print(reply.model_dump_json(), flush=True)
+        match reply.result:
+            case "verified":
+                _say(args, f"Verified: {iid} (the code matched).")
+                return OK
+            case "wrong_code":
+                _say(args, f"Wrong code for {iid}: {_attempts(reply.attempts_left)} left, "
+                           f"until {_clock(reply.deadline)}.")
+            case "too_many_attempts":
+                _say(args, f"Wrong code for {iid}, and it was the last attempt: the "
+                           "verification failed (too_many_attempts).")
+            case "expired":
+                _say(args, f"Too late: {iid} expired before this code arrived; the "
+                           "verification failed (expired).")
+            case _:  # ended
+                raise Failure(f"{iid} had already concluded ({reply.status}); nothing changed",
+                              REFUSED)
+        return FAILED
 
-    return await _kafka(run)
+    return await _kafka(run, args.json)
 
 
 async def cmd_terminate(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
-            await client.terminate(args.instance_id, args.reason)
+            if args.no_wait:
+                await client.send_terminate(args.instance_id, args.reason)
+                return _sent(args, args.instance_id, f"Terminate of {args.instance_id} sent "
+                                                     "(not waiting for the answer).")
+            reply = await client.terminate(args.instance_id, args.reason, timeout=args.timeout)
         if args.json:
-            _print_json({"id": args.instance_id, "sent": True})
-        else:
-            print(f"Termination of {args.instance_id} requested.")
+            print(reply.model_dump_json(), flush=True)
+        if reply.result == "ended":
+            raise Failure(f"{reply.instance_id} had already concluded ({reply.status}); "
+                          "nothing changed", REFUSED)
+        _say(args, f"Terminated {reply.instance_id}.")
         return OK
 
-    return await _kafka(run)
+    return await _kafka(run, args.json)
+
+
+def _sent(args: argparse.Namespace, iid: str, message: str) -> int:
+    if args.json:
+        _print_json({"instance_id": iid, "sent": True})
+    else:
+        print(message)
+    return OK
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.json:
+        print(message, flush=True)
+
+
+def _attempts(n: int | None) -> str:
+    return f"{n} attempt{'s' if n != 1 else ''}"
+
+
+def _clock(value: Any) -> str:
+    return "-" if value is None else value.strftime("%H:%M:%S UTC")
 
 
 async def cmd_watch(args: argparse.Namespace) -> int:
@@ -309,7 +400,7 @@ async def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"id": args.instance_id, "error": body.get("error")})
         print(f"phoneverify status: {body.get('error', 'not found')}", file=sys.stderr)
-        return FAILED
+        return REFUSED
     if status == 400:
         raise Failure(body.get("error", "bad request"), USAGE)
     if status != 200:

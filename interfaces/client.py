@@ -1,50 +1,56 @@
 """The async Python client: start a verification, submit a code, terminate, wait for outcomes.
 
 It talks to Kafka only (the topics of the wire contract, ``TOPIC_PREFIX`` honoured), through an
-idempotent producer (``enable_idempotence=True``, ``acks="all"``); records are keyed by the
-instance id (UTF-8), so everything about one verification lands on one partition::
+idempotent producer (``acks="all"``), keyed by the instance id. Each command carries a new
+``request_id`` and returns once the service has decided on it, with its ``Reply``::
 
     async with VerificationClient() as client:          # settings from the environment
-        iid = await client.start("+1 425-555-0100")
-        await client.submit_code(iid, "0042")           # a string: leading zeros count
-        outcome = await client.wait_for_outcome(iid, timeout=120)
-        print(outcome.status, outcome.reason)
+        started = await client.start("+1 425-555-0134")  # raises if refused (see below)
+        reply = await client.submit_code(started.instance_id, "0042")  # leading zeros count
+        print(reply.result, reply.attempts_left)        # verified | wrong_code | ...
+        outcome = await client.wait_for_outcome(started.instance_id, timeout=120)
 
     async with VerificationClient() as client, client.outcomes() as stream:
         async for outcome in stream:                    # every outcome from now on
             ...
 
-Input is checked here, before anything is sent (:class:`InvalidInput`); the worker checks
-again. Exceptions: :class:`VerificationError` and its subclasses.
+Refusals raise :class:`Refused` subclasses (:class:`InstanceIdInUse`, :class:`RateLimited`,
+:class:`InvalidPhoneNumber`, :class:`BlockedNumber`, :class:`UnknownVerification`), each with
+its ``reply``. No answer in time raises :class:`ReplyTimeout`: the command may still take
+effect. ``send_start``, ``send_code`` and ``send_terminate`` send without waiting.
+Input is checked here, before anything is sent (:class:`InvalidInput`); the service checks it
+again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 from pydantic import ValidationError
 
+from phoneverify.models import phone
 from phoneverify.models.messages import (
     INSTANCE_ID,
     Message,
     Outcome,
+    Reply,
     StartVerification,
     SubmitCode,
     Terminate,
     explain,
 )
-from phoneverify.models.phone import InvalidPhoneNumber, normalise
 from phoneverify.settings import Settings
-from phoneverify.topics import Names
+from phoneverify.topics import Names, partition_for
 
 log = logging.getLogger("phoneverify.client")
+_M = TypeVar("_M", bound=Message)
 
 
 class VerificationError(Exception):
@@ -55,12 +61,55 @@ class InvalidInput(VerificationError, ValueError):
     """An argument is not valid (instance id, phone number, code, reason); nothing was sent."""
 
 
+class Refused(VerificationError):
+    """The service decided against the command; ``reply`` says how things stand."""
+
+    def __init__(self, message: str, reply: Reply) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+class InstanceIdInUse(Refused):
+    """A start with an instance id already in use: nothing was sent."""
+
+
+class RateLimited(Refused):
+    """Too many starts (or wrong codes) for this number lately; ``retry_after`` seconds."""
+
+    @property
+    def retry_after(self) -> float | None:
+        return self.reply.retry_after
+
+
+class InvalidPhoneNumber(Refused):
+    """The service holds the number invalid (libphonenumber); no SMS."""
+
+
+class BlockedNumber(Refused):
+    """A valid number this service does not send SMS to (its region or type); no SMS."""
+
+
+class UnknownVerification(Refused):
+    """No verification with this id started (in time): nothing changed."""
+
+
+class ReplyTimeout(VerificationError, TimeoutError):
+    """No reply in time: the command is in Kafka and may still take effect."""
+
+
 class OutcomeTimeout(VerificationError, TimeoutError):
     """No outcome arrived in time (the verification may still be running)."""
 
 
 class KafkaUnavailable(VerificationError, ConnectionError):
     """Kafka could not be reached, or the deployment's topics do not exist."""
+
+
+_REFUSALS: dict[str, type[Refused]] = {
+    "duplicate": InstanceIdInUse, "rate_limited": RateLimited,
+    "invalid_phone_number": InvalidPhoneNumber, "blocked_number": BlockedNumber,
+    "unknown": UnknownVerification,
+}
 
 
 def _validated(model: type[Message], **fields: Any) -> Any:
@@ -78,19 +127,40 @@ def check_instance_id(instance_id: str) -> str:
     return instance_id
 
 
+def explain_refusal(reply: Reply) -> str:
+    """A refusal in words a person understands."""
+    iid = reply.instance_id
+    match reply.result:
+        case "duplicate":
+            return f"the id {iid} is already in use (status {reply.status}); no SMS was sent"
+        case "rate_limited":
+            wait = "" if reply.retry_after is None else f"; retry in {reply.retry_after:.0f} s"
+            return f"too many verifications for this number lately{wait}; no SMS was sent"
+        case "invalid_phone_number":
+            return f"{reply.detail or 'not a valid phone number'}; no SMS was sent"
+        case "blocked_number":
+            return f"{reply.detail or 'this number is not served here'}; no SMS was sent"
+        case "unknown":
+            return f"no verification {iid} has started (check the id); nothing changed"
+    return f"{reply.command} of {iid}: {reply.result}"
+
+
 class VerificationClient:
     """A client of one deployment (bootstrap servers and topic prefix from Settings or given)."""
 
     def __init__(self, bootstrap_servers: str | None = None, *,
                  topic_prefix: str | None = None, settings: Settings | None = None,
-                 request_timeout: float = 30.0) -> None:
+                 request_timeout: float = 30.0, reply_timeout: float = 30.0) -> None:
         self.settings = settings or Settings()
         self.bootstrap_servers = bootstrap_servers or self.settings.kafka_bootstrap_servers
         self.names = Names(self.settings.topic_prefix if topic_prefix is None else topic_prefix)
         self.request_timeout = request_timeout
+        #: Default wait for a reply (the service answers a response for an unknown id only
+        #: after EARLY_COMMAND_GRACE_SECONDS, 10 s by default).
+        self.reply_timeout = reply_timeout
         self._producer: AIOKafkaProducer | None = None
+        self._replies: _Replies | None = None
         self._streams: set[OutcomeStream] = set()
-        self._partitioner = DefaultPartitioner()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -119,46 +189,110 @@ class VerificationClient:
     async def close(self) -> None:
         for stream in list(self._streams):
             await stream.aclose()
+        if self._replies is not None:
+            replies, self._replies = self._replies, None
+            await replies.close()
         if self._producer is not None:
             producer, self._producer = self._producer, None
             await producer.stop()
 
-    # ------------------------------------------------------------ commands
+    # ------------------------------------------------------------ commands, answered
 
-    async def start(self, phone_number: str, instance_id: str | None = None) -> str:
-        """Start a verification of ``phone_number``; returns its instance id (UUID4 hex if none).
+    async def start(self, phone_number: str, instance_id: str | None = None, *,
+                    timeout: float | None = None) -> Reply:
+        """Start a verification of ``phone_number``; returns once it is started.
 
-        The number may be in any form a person types; it is sent normalised to E.164 (numbers
-        without a country code are read in ``PHONE_DEFAULT_REGION``). Starting again with a used
-        instance id sends no second SMS.
+        The reply has the ``instance_id`` (a new UUID4 hex if none is given), the
+        ``deadline`` and ``attempts_left``. The number may be in any form a person types
+        (without a country code it is read in ``PHONE_DEFAULT_REGION``). Raises
+        :class:`InstanceIdInUse`, :class:`RateLimited`, :class:`InvalidPhoneNumber` or
+        :class:`BlockedNumber` when it is refused: then no SMS was sent.
         """
+        return await self._ask(self.names.start, self._start_message(phone_number, instance_id),
+                               timeout)
+
+    async def submit_code(self, instance_id: str, code: str, *,
+                          timeout: float | None = None) -> Reply:
+        """Send the code the person received (a string of digits: ``"0042"`` is not ``"42"``).
+
+        ``reply.result`` is ``verified``, ``wrong_code`` (``attempts_left`` >= 1),
+        ``too_many_attempts``, ``expired`` or ``ended`` (it had concluded before: nothing
+        changed). Raises :class:`UnknownVerification` if no such verification started.
+        """
+        return await self._ask(self.names.response, self._code_message(instance_id, code),
+                               timeout)
+
+    async def terminate(self, instance_id: str, reason: str = "", *,
+                        timeout: float | None = None) -> Reply:
+        """End a verification now: ``reply.result`` is ``terminated``, or ``ended`` if it had
+        concluded before. Raises :class:`UnknownVerification` if no such verification started."""
+        return await self._ask(self.names.terminate,
+                               self._terminate_message(instance_id, reason), timeout)
+
+    # ------------------------------------------------------------ commands, not answered
+
+    async def send_start(self, phone_number: str, instance_id: str | None = None) -> str:
+        """Send a start without waiting for its answer; returns the instance id."""
+        message = self._start_message(phone_number, instance_id)
+        await self._send(self.names.start, message)
+        return message.instance_id
+
+    async def send_code(self, instance_id: str, code: str) -> None:
+        """Send a code without waiting for its answer."""
+        await self._send(self.names.response, self._code_message(instance_id, code))
+
+    async def send_terminate(self, instance_id: str, reason: str = "") -> None:
+        """Send a terminate without waiting for its answer."""
+        await self._send(self.names.terminate, self._terminate_message(instance_id, reason))
+
+    # ------------------------------------------------------------ messages
+
+    def _start_message(self, phone_number: str, instance_id: str | None,
+                       request_id: str | None = None) -> StartVerification:
         iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
         if not isinstance(phone_number, str):
             raise InvalidInput("phone_number must be a string")
         try:
-            e164 = normalise(phone_number, self.settings.phone_default_region)
-        except InvalidPhoneNumber as error:
+            e164 = phone.normalise(phone_number, self.settings.phone_default_region)
+        except phone.InvalidPhoneNumber as error:
             raise InvalidInput(f"phone_number: {error}") from None
-        await self._send(self.names.start, _validated(StartVerification, instance_id=iid,
-                                                      phone_number=e164))
-        return iid
+        return _validated(StartVerification, instance_id=iid, phone_number=e164)
 
-    async def submit_code(self, instance_id: str, code: str) -> None:
-        """Send the code the person received (a string of digits: ``"0042"`` is not ``"42"``)."""
+    def _code_message(self, instance_id: str, code: str) -> SubmitCode:
         check_instance_id(instance_id)
         if not isinstance(code, str):
             raise InvalidInput("code must be a string of digits (leading zeros count), "
                                f"not {type(code).__name__}")
         if not code.isascii() or not code.isdigit():
             raise InvalidInput("code must be a string of digits 0-9")
-        await self._send(self.names.response,
-                         _validated(SubmitCode, instance_id=instance_id, code=code))
+        return _validated(SubmitCode, instance_id=instance_id, code=code)
 
-    async def terminate(self, instance_id: str, reason: str = "") -> None:
-        """End a verification now (outcome ``terminated``), with a reason of up to 500 chars."""
+    def _terminate_message(self, instance_id: str, reason: str) -> Terminate:
         check_instance_id(instance_id)
-        await self._send(self.names.terminate,
-                         _validated(Terminate, instance_id=instance_id, reason=reason))
+        return _validated(Terminate, instance_id=instance_id, reason=reason)
+
+    async def _ask(self, topic: str, message: Message, timeout: float | None) -> Reply:
+        """Send ``message`` with a new request id and wait for its reply."""
+        request_id = uuid.uuid4().hex
+        message = message.model_copy(update={"request_id": request_id})
+        replies = await self._ready_replies()
+        answer = replies.expect(request_id)
+        try:
+            await self._send(topic, message)
+            wait = self.reply_timeout if timeout is None else timeout
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(answer), wait)
+            except TimeoutError:
+                raise ReplyTimeout(
+                    f"no reply to {_command_name(topic, self.names)} of "
+                    f"{message.instance_id} within {wait:g}s: it is in Kafka and may still "
+                    "take effect") from None
+        finally:
+            replies.forget(request_id)
+        refusal = _REFUSALS.get(reply.result)
+        if refusal is not None:
+            raise refusal(explain_refusal(reply), reply)
+        return reply
 
     async def _send(self, topic: str, message: Message) -> None:
         producer = await self._ready_producer()
@@ -174,6 +308,15 @@ class VerificationClient:
             await self.connect()
         assert self._producer is not None
         return self._producer
+
+    async def _ready_replies(self) -> _Replies:
+        if self._replies is None:
+            producer = await self._ready_producer()
+            partitions = await self._check_topic(producer, self.names.replies)
+            replies = _Replies(self._consumer(), self.names.replies, partitions)
+            await replies.open(self.bootstrap_servers)
+            self._replies = replies
+        return self._replies
 
     async def _check_topic(self, producer: AIOKafkaProducer, topic: str) -> set[int]:
         """The topic's partitions; KafkaUnavailable when it does not exist (no worker yet)."""
@@ -195,9 +338,8 @@ class VerificationClient:
     # ------------------------------------------------------------ outcomes
 
     def partition_of(self, instance_id: str, partitions: set[int]) -> int:
-        """The partition of ``instance_id`` (the producer's default partitioner, murmur2)."""
-        ordered = sorted(partitions)
-        return self._partitioner(instance_id.encode(), ordered, ordered)
+        """The partition of ``instance_id`` (Java's default partitioner, murmur2)."""
+        return partition_for(instance_id.encode(), len(partitions))
 
     async def wait_for_outcome(self, instance_id: str, timeout: float,
                                from_beginning: bool = True) -> Outcome:
@@ -226,7 +368,7 @@ class VerificationClient:
             while (left := deadline - loop.time()) > 0:
                 batch = await consumer.getmany(tp, timeout_ms=int(min(left, 1.0) * 1000) + 1)
                 for record in batch.get(tp, []):
-                    if record.key == key and (outcome := _outcome(record)) is not None:
+                    if record.key == key and (outcome := _parsed(Outcome, record)) is not None:
                         return outcome
         finally:
             await consumer.stop()
@@ -251,6 +393,60 @@ class VerificationClient:
             bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
             auto_offset_reset="earliest", group_id=None, client_id="phoneverify-client",
             request_timeout_ms=int(self.request_timeout * 1000))
+
+
+def _command_name(topic: str, names: Names) -> str:
+    return {names.start: "the start", names.response: "the code",
+            names.terminate: "the terminate"}.get(topic, topic)
+
+
+class _Replies:
+    """Every reply from now on, matched to the requests waiting for them by request id."""
+
+    def __init__(self, consumer: AIOKafkaConsumer, topic: str, partitions: set[int]) -> None:
+        self._consumer = consumer
+        self._tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, bootstrap: str) -> None:
+        """Listen from the end of the topic: after this, no reply can be missed."""
+        await _start_consumer(self._consumer, bootstrap)
+        self._consumer.assign(self._tps)
+        await self._consumer.seek_to_end(*self._tps)
+        for tp in self._tps:  # resolve the positions now, not at the first fetch
+            await self._consumer.position(tp)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def expect(self, request_id: str) -> asyncio.Future[Reply]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        return future
+
+    def forget(self, request_id: str) -> None:
+        self._waiting.pop(request_id, None)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                batch = await self._consumer.getmany(timeout_ms=1000)
+            except KafkaError as error:  # keep listening; waiters time out if it lasts
+                log.warning("reading replies: %r", error)
+                await asyncio.sleep(0.5)
+                continue
+            for records in batch.values():
+                for record in records:
+                    reply = _parsed(Reply, record)
+                    future = self._waiting.get(reply.request_id) if reply else None
+                    if future is not None and not future.done():
+                        future.set_result(reply)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._consumer.stop()
 
 
 class OutcomeStream:
@@ -310,7 +506,7 @@ class OutcomeStream:
             batch = await self._consumer.getmany(timeout_ms=500)
             for records in batch.values():
                 for record in records:
-                    if (key is None or record.key == key) and (o := _outcome(record)):
+                    if (key is None or record.key == key) and (o := _parsed(Outcome, record)):
                         self._pending.append(o)
         return self._pending.pop(0)
 
@@ -330,10 +526,10 @@ async def _start_consumer(consumer: AIOKafkaConsumer, bootstrap: str) -> None:
         raise KafkaUnavailable(f"cannot reach Kafka at {bootstrap}: {error}") from None
 
 
-def _outcome(record: Any) -> Outcome | None:
+def _parsed(model: type[_M], record: Any) -> _M | None:
     try:
-        return Outcome.from_bytes(record.value)  # type: ignore[return-value]
+        return model.from_bytes(record.value)  # type: ignore[return-value]
     except (ValidationError, ValueError):
-        log.warning("skipping an unreadable outcome at %s[%d]@%d", record.topic,
+        log.warning("skipping an unreadable %s at %s[%d]@%d", model.__name__, record.topic,
                     record.partition, record.offset)
         return None

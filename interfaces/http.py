@@ -1,154 +1,206 @@
 """The seed's HTTP API on the worker's web server (``WEB_PORT``), Durable-Functions style.
 
-    POST /verifications                                       start          -> 202 + URIs
-    GET  /verifications/{id}                                  status         -> 200 | 404
-    POST /verifications/{id}/raiseEvent/SmsChallengeResponse  send the code  -> 202
-    POST /verifications/{id}/terminate?reason=...             terminate      -> 202
+    POST /verifications                                       start     -> 202 | 400 | 409 | 429
+    GET  /verifications/{id}                                  status    -> 200 | 404
+    POST /verifications/{id}/raiseEvent/SmsChallengeResponse  the code  -> 202 | 404 | 410
+    POST /verifications/{id}/terminate?reason=...             terminate -> 202 | 404 | 410
 
-Writes are records on the input topics, never table writes: the answer 202 means "accepted
-by Kafka". So a status request right after a start may get 404 until the owning worker has
-processed the start (usually milliseconds); poll. Status is read from the ``verifications``
-table on the worker that owns the instance's partition: ``@app.table_route`` forwards a request
-that reaches another worker to the owner. Every request needs ``X-API-Key`` (unless API_KEY is
-empty); errors are ``{"error": "..."}``.
+and the same under the seed's own paths (``POST /orchestrators/E4_SmsPhoneVerification``,
+``/admin/extensions/DurableTaskExtension/instances/{id}``...), so its requests paste unchanged.
+
+Writes are commands on the Kafka topics with a ``request_id``; each answers once the actor's
+``Reply`` has come back (``504`` if none came within ``HTTP_REPLY_TIMEOUT_SECONDS``: the
+command may still take effect). So a started verification's status answers at once. Requests
+about one verification are served by the worker that owns its partition: another worker
+forwards them there (body and headers included). Every request needs ``X-API-Key`` (unless
+the check is off); errors are ``{"error": "..."}`` in words.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
+import math
 import uuid
 from typing import Any
 
 import aiohttp
-from aiokafka.errors import KafkaError
+from aiohttp import web as aioweb
 from faust import web
-from faust.types import TP, TopicT
-from faust.web import exceptions
-from pydantic import ValidationError
+from yarl import URL
 
-from phoneverify.agents.actor import Stored, verifications
-from phoneverify.agents.app import app, response_topic, settings, start_topic, terminate_topic
-from phoneverify.agents.records import describe, log
-from phoneverify.models.messages import (
-    INSTANCE_ID,
-    Message,
-    StartVerification,
-    SubmitCode,
-    Terminate,
-    iso,
+from phoneverify.agents.actor import Stored, current, verifications
+from phoneverify.agents.app import app, settings
+from phoneverify.interfaces.client import (
+    InvalidInput,
+    KafkaUnavailable,
+    Refused,
+    ReplyTimeout,
+    VerificationClient,
+    explain_refusal,
 )
-from phoneverify.models.phone import InvalidPhoneNumber, mask, normalise
+from phoneverify.models.messages import INSTANCE_ID, Reply, iso
+from phoneverify.models.phone import mask
 from phoneverify.models.verification import Verification
 
+log = logging.getLogger("phoneverify.http")
+
 EVENT = "SmsChallengeResponse"
+SEED = "/admin/extensions/DurableTaskExtension/instances"
+ROUTED = "X-Phoneverify-Routed"  # set on a request one worker forwards to the owner
 
 
-class BadRequest(exceptions.WebError):
-    code = 400
-    detail = "bad request"
+class HttpError(Exception):
+    """An answer other than success, with a message for a person (and headers)."""
 
-
-class Unavailable(exceptions.WebError):
-    code = 503
-    detail = "service unavailable; retry"
+    def __init__(self, code: int, detail: str, headers: dict[str, str] | None = None,
+                 **extra: Any) -> None:
+        super().__init__(detail)
+        self.code, self.detail, self.headers, self.extra = code, detail, headers or {}, extra
 
 
 class ApiView(web.View):
-    """Checks the API key, and the instance id in the path, before any handler (or routing)."""
+    """Checks the API key, the body size and the instance id before any handler or routing."""
 
     async def dispatch(self, request: Any) -> Any:
         if not _authorised(request.headers.get("X-API-Key", "")):
             return self.error(401, "missing or wrong X-API-Key header")
+        if (request.content_length or 0) > settings.http_max_body_bytes:
+            return self.error(413, f"request body over {settings.http_max_body_bytes} bytes")
         iid = request.match_info.get("instance_id")
         if iid is not None and not INSTANCE_ID.fullmatch(iid):
             return self.error(400, "instance id in the path: use 1 to 64 characters of "
                                    "A-Z a-z 0-9 . _ -")
-        return await super().dispatch(request)
+        try:
+            return await super().dispatch(request)
+        except HttpError as error:
+            return self.json({"error": error.detail, **error.extra}, status=error.code,
+                             headers=error.headers)
 
 
 def _authorised(given: str) -> bool:
-    expected = settings.api_key_value
-    return not expected or hmac.compare_digest(given.encode(errors="replace"),
-                                            expected.encode())
+    keys = settings.accepted_api_keys
+    if not keys:
+        return True
+    offered = given.encode(errors="replace")
+    # Compare with every key (constant time each), so timing tells nothing about which.
+    return sum(hmac.compare_digest(offered, key.encode()) for key in keys) > 0
 
 
-@app.page("/verifications", name="verifications")
-class Verifications(ApiView):
+# ---------------------------------------------------------------- start
+
+
+class Start(ApiView):
+    """``POST`` a phone number (a JSON string, as in the seed, or ``{"phone_number",
+    "instance_id"}``): ``202`` once the verification is started."""
+
+    seed = False
+
     async def post(self, request: web.Request) -> web.Response:
-        """Start: body a JSON string (the phone number) or {"phone_number", "instance_id"?}."""
         body = await _json_body(request)
         if isinstance(body, str):
             body = {"phone_number": body}
-        if not isinstance(body, dict):
-            raise BadRequest('body must be a JSON string (the phone number) or an object '
-                             '{"phone_number": ..., "instance_id": ...}')
-        fields = {name: body[name] for name in ("phone_number", "instance_id") if name in body}
-        if fields.get("instance_id") is None:
-            fields["instance_id"] = uuid.uuid4().hex
-        if not isinstance(fields["instance_id"], str) or not INSTANCE_ID.fullmatch(
-                fields["instance_id"]):
-            raise BadRequest("instance_id: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
-        start = _message(StartVerification, **fields)
-        iid = start.instance_id
-        try:
-            phone = normalise(start.phone_number, settings.phone_default_region)
-        except InvalidPhoneNumber as error:
-            raise BadRequest(f"phone_number: {error}") from None
-        await _send(start_topic, StartVerification(instance_id=iid, phone_number=phone))
-        uris = _uris(request, iid)
+        if not isinstance(body, dict) or not isinstance(body.get("phone_number"), str):
+            raise HttpError(400, 'body must be the phone number as a JSON string, or an '
+                                 'object {"phone_number": "...", "instance_id": "..."}')
+        iid = body.get("instance_id")
+        if iid is not None and not (isinstance(iid, str) and INSTANCE_ID.fullmatch(iid)):
+            raise HttpError(400, "instance_id: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
+        reply = await _ask(lambda c: c.start(body["phone_number"], iid or uuid.uuid4().hex))
+        uris = _uris(request, reply.instance_id, seed=self.seed)
         return self.json(uris, status=202, headers={"Location": uris["statusQueryGetUri"]})
 
 
-@app.page("/verifications/{instance_id}", name="verification")
+class SeedStart(Start):
+    seed = True
+
+
+def _uris(request: web.Request, iid: str, seed: bool) -> dict[str, str]:
+    origin = request.url.origin()
+    if not seed:
+        base = f"{origin}/verifications/{iid}"
+        return {"id": iid, "statusQueryGetUri": base,
+                "sendEventPostUri": f"{base}/raiseEvent/{EVENT}",
+                "terminatePostUri": f"{base}/terminate?reason={{text}}"}
+    base = f"{origin}{SEED}/{iid}"
+    query = "taskHub=phoneverify&connection=Kafka"
+    return {"id": iid, "statusQueryGetUri": f"{base}?{query}",
+            "sendEventPostUri": f"{base}/raiseEvent/{{eventName}}?{query}",
+            "terminatePostUri": f"{base}/terminate?reason={{text}}&{query}"}
+
+
+# ---------------------------------------------------------------- one verification
+
+
 class Status(ApiView):
+    """``GET``: the verification's state, from the worker that owns it."""
+
     async def get(self, request: web.Request, instance_id: str) -> web.Response:
-        """Status, answered by the owner of the instance's partition (routed there if need be)."""
-        try:
-            return await self.owned(request, instance_id)
-        except aiohttp.ClientError as error:
-            log.warning("HTTP API: routing the status of %s failed: %r", instance_id, error)
-            raise Unavailable("the worker that owns this verification did not answer; "
-                              "retry") from None
+        return await _owned(request, instance_id, lambda: self._status(instance_id))
 
-    @app.table_route(table=verifications, match_info="instance_id")
-    async def owned(self, request: web.Request, instance_id: str) -> web.Response:
-        raw = verifications.get(instance_id.encode())
-        if raw is None:
-            raise exceptions.NotFound(f"no verification {instance_id} (a start that was just "
-                                      "accepted shows here once it has been processed)")
-        stored = Stored.model_validate_json(raw)
-        if not app.assignor.is_active(TP(verifications.changelog_topic.get_topic_name(),
-                                         stored.partition)):
-            raise Unavailable("this worker does not own the verification now (rebalancing); "
-                              "retry")
-        return self.json(status_of(stored.state))
+    async def _status(self, instance_id: str) -> web.Response:
+        return self.json(status_of(_started(instance_id).state))
 
 
-@app.page(f"/verifications/{{instance_id}}/raiseEvent/{EVENT}", name="raise-event")
 class RaiseEvent(ApiView):
-    async def post(self, request: web.Request, instance_id: str) -> web.Response:
-        """The code: a JSON string of digits, or a JSON number (left-padded to the code length)."""
+    """``POST`` the code: a JSON string of digits, or a JSON number as in the seed."""
+
+    async def post(self, request: web.Request, instance_id: str,
+                   event_name: str) -> web.Response:
+        if event_name != EVENT:
+            raise HttpError(400, f"unknown event {event_name!r}: a verification waits for "
+                                 f"{EVENT}")
+        return await _owned(request, instance_id, lambda: self._code(request, instance_id))
+
+    async def _code(self, request: web.Request, instance_id: str) -> web.Response:
         body = await _json_body(request)
-        if isinstance(body, int) and not isinstance(body, bool) and body >= 0:
+        if isinstance(body, int) and not isinstance(body, bool) and 0 <= body < 10**32:
             body = str(body).zfill(settings.verification_code_length)
         if not isinstance(body, str) or not (body.isascii() and body.isdigit()):
-            raise BadRequest("code: the body must be the code, a JSON string of digits "
-                             "(\"0042\") or a non-negative JSON integer")
-        await _send(response_topic, _message(SubmitCode, instance_id=instance_id, code=body))
-        return self.json({"id": instance_id}, status=202)
+            raise HttpError(400, 'the body must be the code: a JSON string of digits ("0042")'
+                                 " or a non-negative JSON integer")
+        _started(instance_id)
+        reply = await _ask(lambda c: c.submit_code(instance_id, body))
+        return _answer(self, reply)
 
 
-@app.page("/verifications/{instance_id}/terminate", name="terminate")
 class TerminateView(ApiView):
+    """``POST ?reason=...``: end the verification now."""
+
     async def post(self, request: web.Request, instance_id: str) -> web.Response:
-        """Terminate, with ``?reason=`` (optional, up to 500 characters)."""
+        return await _owned(request, instance_id, lambda: self._terminate(request, instance_id))
+
+    async def _terminate(self, request: web.Request, instance_id: str) -> web.Response:
         reason = request.query.get("reason", "")
-        await _send(terminate_topic, _message(Terminate, instance_id=instance_id, reason=reason))
-        return self.json({"id": instance_id}, status=202)
+        _started(instance_id)
+        reply = await _ask(lambda c: c.terminate(instance_id, reason))
+        return _answer(self, reply)
 
 
-# ---------------------------------------------------------------- helpers
+def _started(instance_id: str) -> Stored:
+    """The verification, or 404 if it never started (or is no longer kept)."""
+    stored = current(instance_id.encode())
+    if stored is None or stored.state.status == "new":
+        raise HttpError(404, f"no verification {instance_id} (never started, or concluded "
+                             f"more than {settings.verification_retention_seconds:g} s ago)")
+    return stored
+
+
+def _answer(view: web.View, reply: Reply) -> web.Response:
+    """A response or terminate decided: 202 with the result, or 410 if it had concluded."""
+    body = {"id": reply.instance_id, "result": reply.result, "attemptsLeft": reply.attempts_left,
+            "runtimeStatus": RUNTIME[reply.status], "output": OUTPUT[reply.status]}
+    if reply.result == "ended":
+        return view.json({"error": f"verification {reply.instance_id} had already concluded "
+                                   f"({reply.status}); nothing changed", **body}, status=410)
+    return view.json(body, status=202)
+
+
+RUNTIME = {"pending": "Running", "verified": "Completed", "failed": "Completed",
+           "terminated": "Terminated", "unknown": "Pending"}
+OUTPUT = {"pending": None, "verified": True, "failed": False, "terminated": False,
+          "unknown": None}
 
 
 def status_of(state: Verification) -> dict[str, Any]:
@@ -164,44 +216,112 @@ def status_of(state: Verification) -> dict[str, Any]:
         "createdTime": _iso(state.created_at),
         "lastUpdatedTime": _iso(state.updated_at),
         "attempts": state.attempts,
-        "attemptsLeft": max(state.max_attempts - state.attempts, 0),
+        "attemptsLeft": state.attempts_left,
         "deadline": _iso(state.deadline),
         "reason": state.reason,
         **({"terminateReason": state.detail} if state.status == "terminated" else {}),
     }
 
 
+# ---------------------------------------------------------------- helpers
+
+
+_client: VerificationClient | None = None
+
+
+async def _ask(call: Any) -> Reply:
+    """Send a command through the client library and map its answer to HTTP."""
+    global _client
+    if _client is None:
+        _client = VerificationClient(settings.kafka_bootstrap_servers,
+                                     topic_prefix=settings.topic_prefix, settings=settings,
+                                     reply_timeout=settings.http_reply_timeout_seconds)
+    try:
+        return await call(_client)
+    except InvalidInput as error:
+        raise HttpError(400, str(error)) from None
+    except Refused as refused:
+        raise _refusal(refused.reply) from None
+    except ReplyTimeout as error:
+        raise HttpError(504, str(error)) from None
+    except KafkaUnavailable as error:
+        log.warning("HTTP API: %s", error)
+        raise HttpError(503, "Kafka is not reachable from this worker; retry") from None
+
+
+def _refusal(reply: Reply) -> HttpError:
+    why = explain_refusal(reply)
+    match reply.result:
+        case "duplicate":
+            return HttpError(409, why, id=reply.instance_id)
+        case "rate_limited":
+            retry = max(1, math.ceil(reply.retry_after or 1))
+            return HttpError(429, why, headers={"Retry-After": str(retry)}, retryAfter=retry)
+        case "unknown":
+            return HttpError(404, why)
+    return HttpError(400, why)  # an invalid or blocked number
+
+
+async def _body(request: web.Request) -> bytes:
+    try:
+        raw = await request.read()  # cached: a forward and the handler may both read it
+    except aiohttp.web.HTTPRequestEntityTooLarge:
+        raw = b"x" * (settings.http_max_body_bytes + 1)
+    if len(raw) > settings.http_max_body_bytes:
+        raise HttpError(413, f"request body over {settings.http_max_body_bytes} bytes")
+    return raw
+
+
+async def _json_body(request: web.Request) -> Any:
+    try:
+        return json.loads(await _body(request))
+    except ValueError:
+        raise HttpError(400, "body is not valid JSON (UTF-8)") from None
+
+
 def _iso(value: Any) -> str | None:
     return None if value is None else iso(value)
 
 
-def _uris(request: web.Request, iid: str) -> dict[str, str]:
-    base = f"{request.url.origin()}/verifications/{iid}"
-    return {"id": iid, "statusQueryGetUri": base,
-            "sendEventPostUri": f"{base}/raiseEvent/{EVENT}",
-            "terminatePostUri": f"{base}/terminate?reason={{text}}"}
-
-
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
+async def _owned(request: web.Request, instance_id: str, serve: Any) -> web.Response:
+    """Serve here if this worker owns the verification's partition, else forward it there."""
     try:
-        return json.loads(raw)
-    except ValueError:
-        raise BadRequest("body is not valid JSON") from None
-
-
-def _message(model: type[Message], **fields: Any) -> Any:
+        owner = app.router.key_store(verifications.name, instance_id.encode())
+    except KeyError:
+        raise HttpError(503, "partitions are being assigned; retry") from None
+    here = URL(str(app.conf.canonical_url))
+    if (owner.host, owner.port) == (here.host, here.port):
+        return await serve()
+    if request.headers.get(ROUTED):
+        raise HttpError(503, "this verification's partition is moving between workers; retry")
+    body = await _body(request)
+    headers = {name: value for name, value in request.headers.items()
+               if name.lower() in ("x-api-key", "content-type")}
+    target = request.url.with_host(owner.host or "").with_port(owner.port)
     try:
-        return model(**fields)
-    except ValidationError as error:
-        raise BadRequest(describe(error)) from None
+        async with app.http_client.request(request.method, target, data=body,
+                                           headers={**headers, ROUTED: "1"}) as answer:
+            kept = {name: answer.headers[name] for name in ("Location", "Retry-After")
+                    if name in answer.headers}
+            return aioweb.Response(body=await answer.read(), status=answer.status,
+                                   content_type=answer.content_type, headers=kept)
+    except aiohttp.ClientError as error:
+        log.warning("HTTP API: forwarding %s to %s failed: %r", request.url.path, owner, error)
+        raise HttpError(503, "the worker that owns this verification did not answer; "
+                             "retry") from None
 
 
-async def _send(topic: TopicT, message: Any) -> None:
-    """Write one command, keyed by its instance id; returns once Kafka has acknowledged it."""
-    try:
-        sent = await topic.send(key=message.instance_id.encode(), value=message.to_bytes())
-        await sent
-    except KafkaError as error:
-        log.warning("HTTP API: could not write to %s: %r", topic.get_topic_name(), error)
-        raise Unavailable("could not write to Kafka; retry") from None
+# ---------------------------------------------------------------- routes
+
+for path, view in (
+    ("/verifications", Start),
+    ("/orchestrators/E4_SmsPhoneVerification", SeedStart),
+    ("/verifications/{instance_id}", Status),
+    (f"{SEED}/{{instance_id}}", type("SeedStatus", (Status,), {})),
+    ("/verifications/{instance_id}/raiseEvent/{event_name}", RaiseEvent),
+    (f"{SEED}/{{instance_id}}/raiseEvent/{{event_name}}",
+     type("SeedRaiseEvent", (RaiseEvent,), {})),
+    ("/verifications/{instance_id}/terminate", TerminateView),
+    (f"{SEED}/{{instance_id}}/terminate", type("SeedTerminate", (TerminateView,), {})),
+):
+    app.page(path, name=view.__name__)(view)

@@ -22,6 +22,8 @@ from pydantic import (
 
 INSTANCE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 InstanceId = Annotated[str, StringConstraints(pattern=f"^{INSTANCE_ID.pattern}$")]
+#: A ``request_id``: chosen by the sender of a command, echoed in its one ``Reply``.
+RequestId = InstanceId
 Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,32}$")]
 
 
@@ -48,7 +50,21 @@ UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(iso, return_
 OutcomeStatus = Literal["verified", "failed", "terminated"]
 OutcomeReason = Literal[
     "code_matched", "expired", "too_many_attempts", "terminated",
-    "invalid_phone_number", "sms_undeliverable", "rate_limited",
+    "invalid_phone_number", "blocked_number", "sms_undeliverable", "rate_limited",
+]
+#: Why a start was refused before it reached the actor (it gets an outcome with this reason).
+RefusalReason = Literal["invalid_phone_number", "blocked_number", "rate_limited"]
+CommandName = Literal["start", "response", "terminate"]
+ReplyStatus = Literal["pending", "verified", "failed", "terminated", "unknown"]
+ReplyResult = Literal[
+    # start
+    "started", "duplicate", "rate_limited", "invalid_phone_number", "blocked_number",
+    # response
+    "verified", "wrong_code", "too_many_attempts", "expired",
+    # terminate
+    "terminated",
+    # response and terminate
+    "ended", "unknown",
 ]
 
 
@@ -70,16 +86,38 @@ class Message(BaseModel):
 class StartVerification(Message):
     instance_id: InstanceId
     phone_number: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    request_id: RequestId | None = None
 
 
 class SubmitCode(Message):
     instance_id: InstanceId
     code: Digits
+    request_id: RequestId | None = None
 
 
 class Terminate(Message):
     instance_id: InstanceId
     reason: Annotated[str, StringConstraints(max_length=500)] = ""
+    request_id: RequestId | None = None
+
+
+class Reply(Message):
+    """The answer to a command that carried a ``request_id``, once the actor decided on it.
+
+    ``status``, ``attempts_left`` and ``deadline`` describe the verification after the command.
+    ``retry_after`` (seconds, an addition to the contract) comes with ``rate_limited``.
+    """
+
+    request_id: RequestId
+    instance_id: InstanceId
+    command: CommandName
+    result: ReplyResult
+    status: ReplyStatus
+    attempts_left: int | None
+    deadline: UtcTime | None
+    retry_after: float | None = None
+    #: For a refused start: why, in words a person understands (additions to the contract).
+    detail: str | None = None
 
 
 class Tick(Message):
@@ -150,18 +188,44 @@ class DeadLetter(Message):
 # ---------------------------------------------------------------- internal topics
 
 
-class PhoneStart(Message):
-    """A parsed start, re-keyed by its E.164 phone number for the rate limiter."""
+# A command's origin: where the client's record was first written, ``topic:partition:offset``.
+# It identifies a command across redeliveries and forwards, for idempotence.
 
+
+class PhoneStart(Message):
+    """A parsed, admissible-looking start, re-keyed by its E.164 number for admission."""
+
+    type: Literal["start"] = "start"
     instance_id: InstanceId
     phone_number: str
     requested_at: UtcTime
+    origin: str
+    request_id: RequestId | None = None
+
+
+class Settle(Message):
+    """A concluded verification's report to its number: give back the attempts not spent.
+
+    ``wrong_codes`` are the times of its wrong codes: they count against the number's guess
+    budget for ``GUESS_LIMIT_WINDOW_SECONDS``. Keyed by phone number; idempotent per origin.
+    """
+
+    type: Literal["settle"] = "settle"
+    phone_number: str
+    origin: str
+    wrong_codes: tuple[UtcTime, ...] = ()
 
 
 class Admission(Message):
-    """The rate limiter's (or intake's) verdict on a start, keyed by instance id for the actor."""
+    """Admission's (or intake's) verdict on a start, keyed by instance id for the actor."""
 
     instance_id: InstanceId
-    verdict: Literal["admitted", "rate_limited", "invalid_phone_number"]
+    verdict: Literal["admitted", "rate_limited", "invalid_phone_number", "blocked_number"]
     phone_number: str | None = None
     requested_at: UtcTime
+    origin: str
+    request_id: RequestId | None = None
+    attempts: int = 0
+    retry_after: float | None = None
+    #: Why a start was refused, in words (number policy).
+    detail: str = ""

@@ -1,23 +1,80 @@
-"""Phone numbers: any form a person types, normalised to E.164 with ``phonenumbers``."""
+"""Phone numbers: any form a person types, normalised to E.164, and the number policy (rule 12).
+
+All of it is libphonenumber (the ``phonenumbers`` package): whether a number is valid, its
+region and its type (mobile, fixed line, toll free, premium rate, ...).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import phonenumbers
+from phonenumbers import PhoneNumberType
+
+#: libphonenumber's type names, lower case, as ``PHONE_ALLOWED_TYPES`` takes them.
+TYPE_NAMES: dict[int, str] = {
+    value: name.lower() for name, value in vars(PhoneNumberType).items()
+    if name.isupper() and isinstance(value, int)
+}
 
 
 class InvalidPhoneNumber(ValueError):
-    pass
+    """Not a phone number libphonenumber holds valid (wrong length, unassigned range, ...)."""
+
+
+class BlockedNumber(ValueError):
+    """A valid number this deployment does not send SMS to (region or type not allowed)."""
+
+
+@dataclass(frozen=True)
+class NumberPolicy:
+    """Where SMS may go: ISO 3166 regions (empty: all) and libphonenumber types."""
+
+    regions: frozenset[str] = frozenset()
+    types: frozenset[str] = frozenset({"mobile", "fixed_line_or_mobile"})
+
+    def __post_init__(self) -> None:
+        unknown = self.types - set(TYPE_NAMES.values())
+        if unknown:
+            raise ValueError(f"unknown phone number types {sorted(unknown)}; use "
+                             f"{', '.join(sorted(TYPE_NAMES.values()))}")
+
+
+def _parse(raw: str, default_region: str) -> phonenumbers.PhoneNumber:
+    try:
+        return phonenumbers.parse(raw, default_region)
+    except phonenumbers.NumberParseException as error:
+        raise InvalidPhoneNumber(f"not a phone number: {error}") from None
+
+
+def _e164(number: phonenumbers.PhoneNumber) -> str:
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
 
 def normalise(raw: str, default_region: str = "US") -> str:
-    """``"+1 425-555-0100"`` -> ``"+14255550100"``; raises :class:`InvalidPhoneNumber`."""
-    try:
-        number = phonenumbers.parse(raw, default_region)
-    except phonenumbers.NumberParseException as error:
-        raise InvalidPhoneNumber(f"not a phone number: {error}") from None
+    """``"+1 425-555-0100"`` -> ``"+14255550100"`` if it could be a number at all (a cheap
+    check for clients; the service applies :func:`admissible`); else InvalidPhoneNumber."""
+    number = _parse(raw, default_region)
     if not phonenumbers.is_possible_number(number):
         raise InvalidPhoneNumber("not a possible phone number (wrong length for its region)")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return _e164(number)
+
+
+def admissible(raw: str, default_region: str, policy: NumberPolicy) -> str:
+    """The E.164 form of a valid number inside ``policy``; InvalidPhoneNumber or BlockedNumber."""
+    number = _parse(raw, default_region)
+    if not phonenumbers.is_valid_number(number):
+        raise InvalidPhoneNumber("not a valid phone number (libphonenumber knows no such "
+                                 "number: check the digits and the country code)")
+    region = phonenumbers.region_code_for_number(number) or "unknown"
+    if policy.regions and region not in policy.regions:
+        raise BlockedNumber(f"numbers in region {region} are not served here "
+                            f"(allowed: {', '.join(sorted(policy.regions))})")
+    kind = TYPE_NAMES.get(phonenumbers.number_type(number), "unknown")
+    if kind not in policy.types:
+        raise BlockedNumber(f"{kind.replace('_', ' ')} numbers are not served here "
+                            f"(allowed: {', '.join(sorted(policy.types))})")
+    return _e164(number)
 
 
 def mask(e164: str | None) -> str | None:

@@ -5,6 +5,12 @@ keyed hash in the command; time arrives in the command (record timestamps, ticks
 rules: one SMS per start, a window of ``timeout`` from the start record's time, ``max_attempts``
 tries, then exactly one conclusion (verified, failed or terminated) and nothing after it.
 
+Two additions of the contract live here too. A response or terminate that arrives before its
+start is *held* (it overtook the start, which takes more hops) and applied, in arrival order,
+when the start is decided; past its grace it is dropped. And every command that carries a
+``request_id`` is *answered* exactly once, by an :class:`Answered` event, when it is decided:
+the agent turns those into ``Reply`` records (:func:`reply_of`).
+
     state  = reduce(evolve, events, initial_state(instance_id))
     events = decide(command, state)
 """
@@ -19,7 +25,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from phoneverify.models.messages import InstanceId, OutcomeReason, UtcTime
+from phoneverify.models.messages import (
+    CommandName,
+    InstanceId,
+    Outcome,
+    OutcomeReason,
+    RefusalReason,
+    Reply,
+    ReplyResult,
+    RequestId,
+    UtcTime,
+)
 
 Status = Literal["new", "pending", "verified", "failed", "terminated"]
 FINAL: frozenset[Status] = frozenset({"verified", "failed", "terminated"})
@@ -43,24 +59,36 @@ class Start(_Frozen):
     at: UtcTime
     timeout_seconds: float
     max_attempts: int
+    request_id: RequestId | None = None
 
 
 class Reject(_Frozen):
-    """A start refused before it reached the actor (bad phone number, rate limit)."""
+    """A start refused before it reached the actor (number policy, rate limit, guess budget)."""
 
     kind: Literal["reject"] = "reject"
     instance_id: InstanceId
-    reason: Literal["invalid_phone_number", "rate_limited"]
+    reason: RefusalReason
     at: UtcTime
+    request_id: RequestId | None = None
+    retry_after: float | None = None
+    detail: str = ""
 
 
 class Answer(_Frozen):
-    """A code sent back by the person, as its keyed hash."""
+    """A code sent back by the person, as its keyed hash.
+
+    ``hold_seconds`` is how long it may wait for a start that has not arrived yet; ``origin``
+    and ``raw`` (the record, code removed) say where it came from if it is dropped unapplied.
+    """
 
     kind: Literal["answer"] = "answer"
     instance_id: InstanceId
     code_hash: str
     at: UtcTime
+    request_id: RequestId | None = None
+    hold_seconds: float = 0.0
+    origin: str = ""
+    raw: str = ""
 
 
 class Stop(_Frozen):
@@ -68,10 +96,14 @@ class Stop(_Frozen):
     instance_id: InstanceId
     reason: str
     at: UtcTime
+    request_id: RequestId | None = None
+    hold_seconds: float = 0.0
+    origin: str = ""
+    raw: str = ""
 
 
 class Expire(_Frozen):
-    """Sent for a verification whose deadline a tick has passed."""
+    """Time has passed (a tick): the deadline, and the grace of held commands, are checked."""
 
     kind: Literal["expire"] = "expire"
     instance_id: InstanceId
@@ -94,6 +126,7 @@ class FailSms(_Frozen):
 
 
 Command = Start | Reject | Answer | Stop | Expire | ConfirmSms | FailSms
+Holdable = Annotated[Answer | Stop, Field(discriminator="kind")]
 
 
 # ---------------------------------------------------------------- events (what happened)
@@ -141,7 +174,7 @@ class Verified(_Frozen):
 class Failed(_Frozen):
     type: Literal["failed"] = "failed"
     instance_id: InstanceId
-    reason: Literal["expired", "too_many_attempts", "invalid_phone_number",
+    reason: Literal["expired", "too_many_attempts", "invalid_phone_number", "blocked_number",
                     "sms_undeliverable", "rate_limited"]
     attempts: int
     at: UtcTime
@@ -156,8 +189,39 @@ class Terminated(_Frozen):
     at: UtcTime
 
 
+class Held(_Frozen):
+    """A response or terminate that arrived before its start; applied when the start is."""
+
+    type: Literal["held"] = "held"
+    instance_id: InstanceId
+    command: Holdable
+    at: UtcTime
+
+
+class Dropped(_Frozen):
+    """A held command whose start did not arrive within its grace (``origin`` names it)."""
+
+    type: Literal["dropped"] = "dropped"
+    instance_id: InstanceId
+    origin: str
+    at: UtcTime
+
+
+class Answered(_Frozen):
+    """The command with ``request_id`` was decided: the state after this event is its answer."""
+
+    type: Literal["answered"] = "answered"
+    instance_id: InstanceId
+    request_id: RequestId
+    command: CommandName
+    result: ReplyResult
+    at: UtcTime
+    retry_after: float | None = None
+
+
 Event = Annotated[
-    Started | SmsRequested | SmsDelivered | CodeRejected | Verified | Failed | Terminated,
+    Started | SmsRequested | SmsDelivered | CodeRejected | Verified | Failed | Terminated
+    | Held | Dropped | Answered,
     Field(discriminator="type"),
 ]
 TERMINAL = (Verified, Failed, Terminated)
@@ -179,14 +243,27 @@ class Verification(_Frozen):
     deadline: UtcTime | None = None
     max_attempts: int = 0
     attempts: int = 0
+    #: When each wrong code came: they count against the number's guess budget.
+    wrong_at: tuple[UtcTime, ...] = ()
     reason: OutcomeReason | None = None
     detail: str = ""
     updated_at: UtcTime | None = None
+    #: Commands that arrived before the start, in arrival order.
+    held: tuple[Holdable, ...] = ()
     version: int = 0
 
     @property
     def is_final(self) -> bool:
         return self.status in FINAL
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing started and nothing held: the instance id is free (nothing to keep)."""
+        return self.status == "new" and not self.held
+
+    @property
+    def attempts_left(self) -> int:
+        return max(self.max_attempts - self.attempts, 0)
 
 
 def initial_state(instance_id: str) -> Verification:
@@ -195,45 +272,52 @@ def initial_state(instance_id: str) -> Verification:
 
 # ---------------------------------------------------------------- decide
 
+_COMMAND_NAMES: dict[str, CommandName] = {"start": "start", "reject": "start",
+                                          "answer": "response", "stop": "terminate"}
+
 
 def decide(command: Command, state: Verification) -> list[Event]:
     """The events that ``command`` causes in ``state``; ``[]`` when it changes nothing."""
     iid, at = command.instance_id, command.at
     if state.is_final:
-        return []  # exactly one conclusion, ever; a replayed or late command changes nothing
+        # Exactly one conclusion, ever: a late or repeated command changes nothing.
+        return _answered(command, "duplicate" if command.kind in ("start", "reject") else "ended")
     match command:
         case Start() if state.status == "new":
-            deadline = at + timedelta(seconds=command.timeout_seconds)
-            return [
-                Started(instance_id=iid, phone_number=command.phone_number,
-                        code_hash=command.code_hash, created_at=at, deadline=deadline,
-                        max_attempts=command.max_attempts, at=at),
-                SmsRequested(instance_id=iid, command_id=command.command_id, at=at),
-            ]
+            return _start(command, state)
         case Reject() if state.status == "new":
-            return [Failed(instance_id=iid, reason=command.reason, attempts=0, at=at)]
+            failed = Failed(instance_id=iid, reason=command.reason, attempts=0, at=at,
+                            detail=command.detail)
+            return [failed, *_release_held(state, evolve(state, failed)),
+                    *_answered(command, command.reason, command.retry_after)]
         case Start() | Reject():
-            return []  # a second start for a used instance_id sends nothing
+            return _answered(command, "duplicate")  # a used instance_id sends nothing
     if state.status == "new":
-        if isinstance(command, Stop):  # terminated before its start arrived: it never runs
-            return [Terminated(instance_id=iid, reason=command.reason, attempts=0, at=at)]
-        return []  # nothing to answer or expire yet
+        match command:
+            case Answer() | Stop():
+                return [Held(instance_id=iid, command=command, at=at)]
+            case Expire():
+                return _drop_expired_holds(state, at)
+        return []  # nothing to confirm or expire yet
     assert state.deadline is not None and state.code_hash is not None
     match command:
         case Answer() if at >= state.deadline:
-            return [_failed(state, "expired", at)]
+            return [_failed(state, "expired", at), *_answered(command, "expired")]
         case Answer() if hmac.compare_digest(command.code_hash, state.code_hash):
-            return [Verified(instance_id=iid, attempts=state.attempts + 1, at=at)]
+            return [Verified(instance_id=iid, attempts=state.attempts + 1, at=at),
+                    *_answered(command, "verified")]
         case Answer():
             attempts = state.attempts + 1
             rejected = CodeRejected(instance_id=iid, attempts=attempts, at=at)
             if attempts >= state.max_attempts:
                 return [rejected, Failed(instance_id=iid, reason="too_many_attempts",
-                                         attempts=attempts, at=at)]
-            return [rejected]
+                                         attempts=attempts, at=at),
+                        *_answered(command, "too_many_attempts")]
+            return [rejected, *_answered(command, "wrong_code")]
         case Stop():
             return [Terminated(instance_id=iid, reason=command.reason,
-                               attempts=state.attempts, at=at)]
+                               attempts=state.attempts, at=at),
+                    *_answered(command, "terminated")]
         case Expire() if at >= state.deadline:
             return [_failed(state, "expired", at)]
         case ConfirmSms() if command.command_id == state.command_id and state.sms == "requested":
@@ -241,6 +325,49 @@ def decide(command: Command, state: Verification) -> list[Event]:
         case FailSms() if command.command_id == state.command_id:
             return [_failed(state, "sms_undeliverable", at, command.error)]
     return []
+
+
+def _start(command: Start, state: Verification) -> list[Event]:
+    """Start, then apply the held commands in arrival order; no SMS if they conclude it."""
+    iid, at = command.instance_id, command.at
+    started = Started(instance_id=iid, phone_number=command.phone_number,
+                      code_hash=command.code_hash, created_at=at,
+                      deadline=at + timedelta(seconds=command.timeout_seconds),
+                      max_attempts=command.max_attempts, at=at)
+    after = evolve(state, started)
+    released = _release_held(state, after)
+    sms = [] if fold(after, released).is_final else [
+        SmsRequested(instance_id=iid, command_id=command.command_id, at=at)]
+    return [started, *sms, *released, *_answered(command, "started")]
+
+
+def _release_held(before: Verification, state: Verification) -> list[Event]:
+    """The events of ``before``'s held commands, decided one after another from ``state``."""
+    events: list[Event] = []
+    for held in before.held:
+        caused = decide(held, state)
+        events += caused
+        state = fold(state, caused)
+    return events
+
+
+def _drop_expired_holds(state: Verification, now: datetime) -> list[Event]:
+    events: list[Event] = []
+    for held in state.held:
+        if held.at + timedelta(seconds=held.hold_seconds) <= now:
+            events += [Dropped(instance_id=state.instance_id, origin=held.origin, at=now),
+                       *_answered(held, "unknown", at=now)]
+    return events
+
+
+def _answered(command: Command, result: ReplyResult, retry_after: float | None = None,
+              at: datetime | None = None) -> list[Event]:
+    request_id = getattr(command, "request_id", None)
+    if request_id is None or command.kind not in _COMMAND_NAMES:
+        return []
+    return [Answered(instance_id=command.instance_id, request_id=request_id,
+                     command=_COMMAND_NAMES[command.kind], result=result,
+                     at=at or command.at, retry_after=retry_after)]
 
 
 def _failed(state: Verification, reason: str, at: datetime, detail: str = "") -> Failed:
@@ -253,18 +380,19 @@ def _failed(state: Verification, reason: str, at: datetime, detail: str = "") ->
 
 def evolve(state: Verification, event: Event) -> Verification:
     """The state after ``event``: a plain fold, no decisions."""
-    changes: dict[str, object] = {"version": state.version + 1, "updated_at": event.at}
+    changes: dict[str, object] = {"version": state.version + 1}
     match event:
         case Started():
             changes |= {"status": "pending", "phone_number": event.phone_number,
                         "code_hash": event.code_hash, "created_at": event.created_at,
-                        "deadline": event.deadline, "max_attempts": event.max_attempts}
+                        "deadline": event.deadline, "max_attempts": event.max_attempts,
+                        "held": ()}  # the held commands are decided with the start
         case SmsRequested():
             changes |= {"sms": "requested", "command_id": event.command_id}
         case SmsDelivered():
             changes |= {"sms": "delivered"}
         case CodeRejected():
-            changes |= {"attempts": event.attempts}
+            changes |= {"attempts": event.attempts, "wrong_at": (*state.wrong_at, event.at)}
         case Verified():
             changes |= {"status": "verified", "reason": "code_matched",
                         "attempts": event.attempts}
@@ -274,10 +402,52 @@ def evolve(state: Verification, event: Event) -> Verification:
         case Terminated():
             changes |= {"status": "terminated", "reason": "terminated",
                         "attempts": event.attempts, "detail": event.reason}
-    if event.type in ("verified", "failed", "terminated") and state.created_at is None:
-        changes["created_at"] = event.at  # a start refused upstream concludes at once
+        case Held():
+            changes |= {"held": (*state.held, event.command)}
+        case Dropped():
+            changes |= {"held": tuple(h for h in state.held if h.origin != event.origin)}
+        case Answered():
+            return state.model_copy(update=changes)  # a fact for the log; the state is as it was
+    changes["updated_at"] = event.at
+    if isinstance(event, TERMINAL):
+        changes["held"] = ()  # held commands are answered in the decision that concludes
+        if state.created_at is None:
+            changes["created_at"] = event.at  # a start refused upstream concludes at once
     return state.model_copy(update=changes)
 
 
 def fold(state: Verification, events: Iterable[Event]) -> Verification:
     return reduce(evolve, events, state)
+
+
+# ---------------------------------------------------------------- projections (wire messages)
+
+_REFUSALS = frozenset({"rate_limited", "invalid_phone_number", "blocked_number"})
+
+
+def public_status(state: Verification) -> Literal["pending", "verified", "failed",
+                                                   "terminated", "unknown"]:
+    return "unknown" if state.status == "new" else state.status
+
+
+def reply_of(answered: Answered, state: Verification) -> Reply:
+    """The ``Reply`` for ``answered``; ``state`` is the state right after that event."""
+    if answered.result == "started":
+        attempts_left: int | None = state.max_attempts  # all it was admitted with
+    else:
+        attempts_left = state.attempts_left if state.max_attempts > 0 else None
+    return Reply(request_id=answered.request_id, instance_id=answered.instance_id,
+                 command=answered.command, result=answered.result,
+                 status=public_status(state), attempts_left=attempts_left,
+                 deadline=state.deadline if state.status == "pending" else None,
+                 retry_after=answered.retry_after,
+                 detail=state.detail or None if answered.result in _REFUSALS else None)
+
+
+def outcome_of(state: Verification) -> Outcome:
+    """The one ``Outcome`` of a concluded verification."""
+    assert state.is_final and state.reason is not None
+    assert state.created_at is not None and state.updated_at is not None
+    return Outcome(instance_id=state.instance_id, verified=state.status == "verified",
+                   status=state.status, reason=state.reason, attempts=state.attempts,
+                   created_at=state.created_at, completed_at=state.updated_at)

@@ -1,4 +1,11 @@
-"""A fix for a message-loss race in faust-streaming 0.15.x, applied when ``app`` is imported.
+"""Two patches to faust-streaming 0.15.x, applied when the app is imported.
+
+1. A fix for a message-loss race (seek before resume), below.
+2. The consumer's fetch loop hands a whole fetch to the conductor under one ``wait_first``
+   instead of one per record (:func:`_drain_messages`): the same behaviour, without two tasks
+   per record, which were the largest part of Faust's per-record cost in our profiles.
+
+The race:
 
 After a rebalance, Faust's recovery resumes the stream partitions first and only then seeks
 them to their committed offsets (``Recovery.on_recovery_completed`` and
@@ -15,11 +22,13 @@ positions are final.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from faust.tables.recovery import Recovery
+from faust.transport.consumer import CONSUMER_FETCHING, Consumer
 from faust.types import TP
 
 _PATCHED = "_phoneverify_seek_before_resume"
@@ -56,8 +65,75 @@ def _seek_before_resume(method: Callable[..., Awaitable[None]]) -> Callable[...,
 
 
 def apply() -> None:
-    """Patch ``Recovery`` once; a second call changes nothing."""
+    """Patch ``Recovery`` and ``Consumer`` once; a second call changes nothing."""
     for name in ("on_recovery_completed", "_resume_streams"):
         method = getattr(Recovery, name)
         if not getattr(method, _PATCHED, False):
             setattr(Recovery, name, _seek_before_resume(method))
+    Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------- one wait_first per fetch
+
+
+async def _drain_messages(self: Consumer, fetcher: Any) -> None:  # pragma: no cover - I/O loop
+    """Faust's ``Consumer._drain_messages`` with one change: the records of one fetch are
+    handed to the conductor under *one* ``wait_first`` (a race with the flow-control
+    suspension) instead of one per record, each of which made two tasks.
+
+    What a suspension does is unchanged: Faust's loop abandoned the record in hand and went on,
+    abandoning the rest of the fetch the same way (each ``wait_first`` returned at once); here
+    the rest of the fetch is abandoned in one step. Records are delivered in the same order,
+    the read offsets and gaps are tracked as before, and the commit check runs per record.
+    """
+    callback = self.callback
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    acks_enabled_for = self.app.topics.acks_enabled_for
+    flag = CONSUMER_FETCHING
+
+    async def deliver(records: list[tuple[TP, Any]]) -> None:
+        for n, (tp, message) in enumerate(records, start=1):
+            if n % 100 == 0:
+                await asyncio.sleep(0)  # let other tasks run during a large fetch, as Faust's
+            offset = message.offset
+            r_offset = get_read_offset(tp)
+            if r_offset is None or offset >= r_offset:
+                gap = offset - (r_offset or 0)
+                if gap > 1 and r_offset and acks_enabled_for(message.topic):
+                    await self._add_gap(tp, r_offset + 1, offset)
+                if self._commit_every is not None and self._n_acked >= self._commit_every:
+                    self._n_acked = 0
+                    await self.commit()
+                await callback(message)
+                set_read_offset(tp, offset)
+            else:
+                self.log.dev("DROPPED MESSAGE ROFF %r: k=%r v=%r", offset, message.key,
+                             message.value)
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            self.diag.set_flag(flag)
+            records = [record async for record in self.getmany(timeout=1.0)]
+            await self.sleep(0)
+            if records and not self.should_stop:
+                await self.wait_first(deliver(records), self.suspend_flow.wait())
+            self.diag.unset_flag(flag)
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        self.diag.unset_flag(flag)
+

@@ -1,11 +1,14 @@
-"""Replay: rebuild every aggregate from ``verification.events`` alone and compare it with the
-live table (the ``verifications`` changelog), reporting every difference.
+"""Replay: rebuild every verification from verification.events alone and compare it with
+what the live table (the verifications changelog) holds, reporting every difference.
 
 This is the proof that the state is event-sourced: if the table were lost, folding the events
-with ``evolve`` gives it back. Redelivered duplicates (same instance and ``seq``, same event)
-are skipped; a different event under a used ``seq``, or a gap, is reported.
+with evolve() gives it back. Events come in streams, one per life of an instance id (an id is
+free again once its verification is no longer kept, and a later start begins a new life);
+each stream is numbered by seq. Redelivered duplicates (same stream and seq, same event) are
+skipped; a different event under a used seq, or a gap, is reported. Verifications the table
+no longer keeps (past VERIFICATION_RETENTION_SECONDS) are rebuilt and counted, not compared.
 
-    phoneverify replay [--json]      exit 0: no difference, 1: differences found
+exit status: 0 no difference, 1 differences found.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Report:
     rebuilt: int = 0
     live: int = 0
     matching: int = 0
+    no_longer_kept: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -68,57 +72,65 @@ async def read_all(settings: Settings, topic: str) -> AsyncIterator[Record]:
         await consumer.stop()
 
 
-async def rebuild(settings: Settings, topic: str, report: Report) -> dict[str, Verification]:
-    """Fold ``verification.events`` per instance; duplicates skipped, conflicts reported."""
-    states: dict[str, Verification] = {}
-    seen: dict[tuple[str, int], dict[str, Any]] = {}
+Stream = tuple[str, str]  # (instance_id, life)
+
+
+async def rebuild(settings: Settings, topic: str, report: Report) -> dict[Stream, Verification]:
+    """Fold ``verification.events`` per stream; duplicates skipped, conflicts reported."""
+    states: dict[Stream, Verification] = {}
+    seen: dict[tuple[Stream, int], dict[str, Any]] = {}
     async for _key, value in read_all(settings, topic):
         record = json.loads(value or b"{}")
-        seq = record.pop("seq")
+        seq, life = record.pop("seq"), record.pop("life", "")
         event = EVENT.validate_python(record)
         report.events += 1
-        iid = event.instance_id
-        earlier = seen.get((iid, seq))
+        stream = (event.instance_id, life)
+        earlier = seen.get((stream, seq))
         if earlier is not None:
             report.duplicates += 1
             if earlier != record:
-                report.problems.append(f"{iid}: two different events with seq {seq}")
+                report.problems.append(f"{stream[0]}: two different events with seq {seq}")
             continue
-        seen[(iid, seq)] = record
-        state = states.get(iid) or initial_state(iid)
+        seen[(stream, seq)] = record
+        state = states.get(stream) or initial_state(event.instance_id)
         if seq != state.version + 1:
-            report.problems.append(f"{iid}: event seq {seq} after version {state.version}")
-        states[iid] = evolve(state, event)
+            report.problems.append(f"{stream[0]}: event seq {seq} after version "
+                                   f"{state.version}")
+        states[stream] = evolve(state, event)
     report.rebuilt = len(states)
     return states
 
 
-async def live_table(settings: Settings, changelog: str, report: Report) -> dict[str, Verification]:
+async def live_table(settings: Settings, changelog: str,
+                     report: Report) -> dict[str, tuple[str, Verification]]:
     """The table as its changelog holds it: the last value per key, tombstones removed."""
-    table: dict[str, Verification] = {}
+    table: dict[str, tuple[str, Verification]] = {}
     async for key, value in read_all(settings, changelog):
         iid = (key or b"").decode()
         if value is None:
             table.pop(iid, None)
         else:
-            table[iid] = Verification.model_validate(json.loads(value)["state"])
+            stored = json.loads(value)
+            table[iid] = (stored["life"], Verification.model_validate(stored["state"]))
     report.live = len(table)
     return table
 
 
-def compare(rebuilt: dict[str, Verification], live: dict[str, Verification],
+def compare(rebuilt: dict[Stream, Verification], live: dict[str, tuple[str, Verification]],
             report: Report) -> None:
-    for iid in sorted(rebuilt.keys() | live.keys()):
-        if iid not in live:
-            report.problems.append(f"{iid}: in the events, not in the table")
-        elif iid not in rebuilt:
+    for iid, (life, state) in sorted(live.items()):
+        events = rebuilt.get((iid, life))
+        if events is None:
             report.problems.append(f"{iid}: in the table, not in the events")
-        elif rebuilt[iid] != live[iid]:
-            a, b = rebuilt[iid].model_dump(), live[iid].model_dump()
+        elif events != state:
+            a, b = events.model_dump(), state.model_dump()
             fields = ", ".join(f"{k}: events={a[k]!r} table={b[k]!r}" for k in a if a[k] != b[k])
             report.problems.append(f"{iid}: differs ({fields})")
         else:
             report.matching += 1
+    kept = {(iid, life) for iid, (life, _) in live.items()}
+    report.no_longer_kept = sum(1 for stream, state in rebuilt.items()
+                                if stream not in kept and not state.is_empty)
 
 
 async def run(settings: Settings) -> Report:
@@ -135,8 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phoneverify replay", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--bootstrap-servers", metavar="HOST:PORT",
+                        help="Kafka (default: $KAFKA_BOOTSTRAP_SERVERS or 127.0.0.1:9092)")
     args = parser.parse_args(argv)
-    report = asyncio.run(run(Settings()))
+    settings = Settings()
+    if args.bootstrap_servers:
+        settings = settings.model_copy(update={"kafka_bootstrap_servers": args.bootstrap_servers})
+    report = asyncio.run(run(settings))
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}))
     else:
@@ -144,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aggregates rebuilt: {report.rebuilt}")
         print(f"aggregates in table: {report.live}")
         print(f"identical:          {report.matching}")
+        print(f"no longer kept:     {report.no_longer_kept} (past their retention)")
         for problem in report.problems:
             print(f"DIFFERENCE {problem}")
         print("replay: no difference" if report.ok else

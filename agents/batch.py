@@ -1,0 +1,115 @@
+"""Group commit: agents take records in batches, and write what a batch causes in one go.
+
+Per batch, an agent decides every record in memory, then writes:
+
+1. its outputs (events, outcomes, replies, verdicts, dead letters) through an :class:`Outbox`,
+   and awaits their acknowledgements once for the whole batch;
+2. its tables through :meth:`AggregateTable.write`: one changelog record per changed key (the
+   last value), acknowledged by Kafka *before* the local RocksDB store is written;
+3. then anything that must not happen before the state is durable (the SMS commands).
+
+The batch's input records are acknowledged to Faust after that, and Faust commits their
+offsets only after flushing the producer. So a crash at any point either repeats a batch
+(its outputs again, identical: time comes from records) or finds its state already written
+(the agents recognise the redelivered records and repeat only what may be missing). The local
+store never holds a write that Kafka lacks, which is what lets a restarted worker trust its
+store and replay only the changelog's tail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import faust
+from faust.types import TP, EventT, StreamT
+from rocksdict import WriteBatch
+
+from phoneverify.agents.app import app
+
+#: Most records in one batch, and how long a batch waits to fill before it is handled.
+BATCH_SIZE = 1000
+BATCH_WITHIN = 0.002
+#: Faust's RocksDB store keeps each partition's changelog offset under this key.
+_OFFSET_KEY = b"__faust\0offset__"
+
+
+def batches(stream: StreamT[bytes]) -> AsyncIterator[list[EventT]]:
+    """The stream's records, a batch at a time (acknowledged when the next one is asked for)."""
+    return stream.take_events(BATCH_SIZE, within=BATCH_WITHIN)  # type: ignore[return-value]
+
+
+class Outbox:
+    """Records sent while a batch is handled, acknowledged together by :meth:`flush`."""
+
+    def __init__(self) -> None:
+        self._acks: list[Any] = []
+
+    async def send(self, topic: str, key: bytes | None, value: bytes | None, *,
+                   partition: int | None = None, timestamp: float | None = None,
+                   headers: list[tuple[str, bytes]] | None = None) -> None:
+        """Hand one record to the producer (no round trip here)."""
+        self._acks.append(await app.producer.send(topic, key, value, partition, timestamp,
+                                                  headers))
+
+    async def flush(self) -> None:
+        """Wait until Kafka has acknowledged everything sent so far (raises if it refused)."""
+        acks, self._acks = self._acks, []
+        if acks:
+            await asyncio.gather(*acks)
+
+
+class AggregateTable(faust.Table):
+    """A Faust table whose keys are read and written by partition, a batch at a time.
+
+    Faust keeps the changelog topic, restores the RocksDB store from it (only the tail past
+    the store's recorded offset), assigns partitions and routes web requests to their owner.
+    Faust's own ``table[key] = value`` would write the store before Kafka has the changelog
+    record, and into the partition of whatever record the stream saw last; this class writes
+    explicitly to the key's partition, changelog first.
+    """
+
+    @property
+    def _rocksdb(self) -> Any:
+        return self.data  # faust.stores.rocksdb.Store
+
+    def read(self, key: bytes, partition: int) -> bytes | None:
+        return self._rocksdb._db_for_partition(partition).get(key)
+
+    def items_in(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in self._rocksdb._db_for_partition(partition).items():
+            if key != _OFFSET_KEY:
+                yield key, value
+
+    async def write(self, changes: Mapping[bytes, tuple[int, bytes | None]]) -> None:
+        """Set (or, with ``None``, delete) each key in its partition: changelog, then store."""
+        if not changes:
+            return
+        topic = self.changelog_topic.get_topic_name()
+        acks = [await app.producer.send(topic, key, value, partition, None, None)
+                for key, (partition, value) in changes.items()]
+        written = await asyncio.gather(*acks)
+        local: dict[int, WriteBatch] = defaultdict(lambda: WriteBatch(raw_mode=True))
+        for key, (partition, value) in changes.items():
+            if value is None:
+                local[partition].delete(key)
+            else:
+                local[partition].put(key, value)
+        for partition, batch in local.items():
+            self._rocksdb._db_for_partition(partition).write(batch)
+        offsets: dict[int, int] = {}
+        for metadata in written:
+            offsets[metadata.partition] = max(metadata.offset, offsets.get(metadata.partition, -1))
+        for partition, offset in offsets.items():
+            self._rocksdb.set_persisted_offset(TP(topic, partition), offset)
+
+
+def aggregate_table(name: str) -> AggregateTable:
+    """A table of this app keyed by bytes, with the deployment's partition count."""
+    from phoneverify.agents.app import settings
+
+    return app.tables.add(AggregateTable(  # type: ignore[return-value]
+        app, name=name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
+        beacon=app.tables.beacon))
