@@ -117,9 +117,14 @@ def settle(number: Number, origin: str, wrong_codes: tuple[datetime, ...]) -> Nu
 
 
 def prune(number: Number, now: datetime, limits: Limits) -> Number:
-    """Forget what no window holding ``now`` (or later) can count any more."""
+    """Forget what no start stamped after ``now - starts_window`` can count any more.
+
+    A start may reach admission after a tick whose ``now`` is later than its own time (it was
+    on its way when the tick came), so both kinds of entries are kept for one rate window
+    more than their own window, the late-arrival allowance of :func:`admit`.
+    """
     starts_from = now - 2 * timedelta(seconds=limits.starts_window)
-    guesses_from = now - timedelta(seconds=limits.guess_window + limits.hold)
+    guesses_from = now - _guesses_kept(limits)
     spent = []
     for entry in number.spent:
         kept = tuple(t for t in entry.at if t > guesses_from)
@@ -132,9 +137,13 @@ def prune(number: Number, now: datetime, limits: Limits) -> Number:
 def next_due(number: Number, limits: Limits) -> datetime | None:
     """When :func:`prune` will next forget something (open reservations wait for settles)."""
     times = [t + 2 * timedelta(seconds=limits.starts_window) for _, t in number.starts]
-    keep = timedelta(seconds=limits.guess_window + limits.hold)
-    times += [t + keep for s in number.spent for t in s.at]
+    times += [t + _guesses_kept(limits) for s in number.spent for t in s.at]
     return min(times, default=None)
+
+
+def _guesses_kept(limits: Limits) -> timedelta:
+    """How long a wrong code is kept: its window, the hold margin, and the late allowance."""
+    return timedelta(seconds=limits.guess_window + limits.hold + limits.starts_window)
 
 
 def _wrong_codes(number: Number, at: datetime, limits: Limits) -> list[datetime]:
