@@ -1,0 +1,56 @@
+"""Logging adjustments for the worker.
+
+The first worker on a new broker logs, from aiokafka's group coordinator::
+
+    [ERROR] Group Coordinator Request failed: [Error 15] GroupCoordinatorNotAvailableError
+
+The group coordinator is not elected yet (the broker is still creating ``__consumer_offsets``);
+aiokafka retries and the worker goes on to join the group a moment later. That one message,
+during startup only, is not an error: :func:`quiet_harmless_startup_errors` logs it at INFO
+with a note saying so. Later, or with any other error, the record is left as it is: a
+coordinator that stays unavailable (for example ``__consumer_offsets`` asking for more
+replicas than there are brokers) must still show as an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiokafka.errors import GroupCoordinatorNotAvailableError
+
+COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
+COORDINATOR_FAILED = "Group Coordinator Request failed: %s"
+NOTE = (" (harmless at startup: the group coordinator is not elected yet on a new broker;"
+        " the consumer retries)")
+STARTUP_SECONDS = 60.0
+
+
+class HarmlessStartupErrors(logging.Filter):
+    """Downgrades "coordinator not available" to INFO within ``window`` seconds of install."""
+
+    def __init__(self, window: float = STARTUP_SECONDS) -> None:
+        super().__init__()
+        self.until = time.monotonic() + window
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (record.levelno == logging.ERROR and record.msg == COORDINATOR_FAILED
+                and isinstance(record.args, tuple) and len(record.args) == 1
+                and isinstance(record.args[0], GroupCoordinatorNotAvailableError)
+                and time.monotonic() < self.until):
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.msg = COORDINATOR_FAILED + NOTE
+        return True
+
+
+def quiet_harmless_startup_errors(window: float = STARTUP_SECONDS) -> HarmlessStartupErrors:
+    """Install the filter on aiokafka's group coordinator logger (once; a second call renews
+    the window). Call it when the worker starts; returns the filter."""
+    logger = logging.getLogger(COORDINATOR_LOGGER)
+    for existing in logger.filters:
+        if isinstance(existing, HarmlessStartupErrors):
+            existing.until = time.monotonic() + window
+            return existing
+    installed = HarmlessStartupErrors(window)
+    logger.addFilter(installed)
+    return installed

@@ -1,0 +1,67 @@
+"""The startup log filter: the one harmless aiokafka error at startup is INFO, nothing else."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
+
+from phoneverify.ops.logs import (
+    COORDINATOR_FAILED,
+    COORDINATOR_LOGGER,
+    HarmlessStartupErrors,
+    quiet_harmless_startup_errors,
+)
+
+coordinator = logging.getLogger(COORDINATOR_LOGGER)
+
+
+@pytest.fixture
+def installed() -> Iterator[HarmlessStartupErrors]:
+    harmless = quiet_harmless_startup_errors()
+    yield harmless
+    coordinator.removeFilter(harmless)
+
+
+def test_coordinator_not_available_at_startup_is_info_with_a_note(
+        installed: HarmlessStartupErrors, caplog: pytest.LogCaptureFixture) -> None:
+    # What aiokafka logs, as it logs it (consumer/group_coordinator.py).
+    coordinator.error(COORDINATOR_FAILED, GroupCoordinatorNotAvailableError())
+
+    [record] = caplog.records
+    assert (record.levelno, record.levelname) == (logging.INFO, "INFO")
+    assert "GroupCoordinatorNotAvailableError" in record.getMessage()
+    assert "harmless at startup" in record.getMessage()
+
+
+def test_other_errors_stay_errors(installed: HarmlessStartupErrors,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    coordinator.error(COORDINATOR_FAILED, KafkaConnectionError())
+    coordinator.error("Something else: %s", GroupCoordinatorNotAvailableError())
+    logging.getLogger("aiokafka.consumer.fetcher").error(
+        COORDINATOR_FAILED, GroupCoordinatorNotAvailableError())
+
+    assert [r.levelno for r in caplog.records] == [logging.ERROR] * 3
+    assert not [r for r in caplog.records if "harmless" in r.getMessage()]
+
+
+def test_after_startup_it_is_an_error_again(caplog: pytest.LogCaptureFixture) -> None:
+    """A coordinator that stays unavailable (say, too few brokers for __consumer_offsets)."""
+    harmless = quiet_harmless_startup_errors(window=0)
+    try:
+        coordinator.error(COORDINATOR_FAILED, GroupCoordinatorNotAvailableError())
+    finally:
+        coordinator.removeFilter(harmless)
+
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR
+    assert "harmless" not in record.getMessage()
+
+
+def test_installing_twice_adds_one_filter(installed: HarmlessStartupErrors) -> None:
+    again = quiet_harmless_startup_errors()
+
+    assert again is installed
+    assert [f for f in coordinator.filters if isinstance(f, HarmlessStartupErrors)] == [again]
