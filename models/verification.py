@@ -300,6 +300,11 @@ def decide(command: Command, state: Verification) -> list[Event]:
                 return _drop_expired_holds(state, at)
         return []  # nothing to confirm or expire yet
     assert state.deadline is not None and state.code_hash is not None
+    if isinstance(command, Answer | Stop) and state.created_at is not None:
+        # Never dated more than its grace before the start: one stamped earlier still (it lagged
+        # behind its start, or waited past its grace for want of a tick) counts from there, so
+        # its wrong code stays inside the guess budget's ``hold`` margin (models/admission.py).
+        at = max(at, state.created_at - timedelta(seconds=command.hold_seconds))
     match command:
         case Answer() if at >= state.deadline:
             return [_failed(state, "expired", at), *_answered(command, "expired")]
