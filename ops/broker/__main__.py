@@ -108,10 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.action == "status":
             count = metadata_brokers(broker.bootstrap)
-            ok = count >= broker.brokers
-            _say(f"broker at {broker.bootstrap}: "
-                 + (f"ready ({count} broker{'s' * (count != 1)})" if count else "not answering"))
-            return 0 if ok else 1
+            if not count:
+                state = "not answering"
+            elif count < broker.brokers:
+                state = f"answering, but with {count} of {broker.brokers} brokers live"
+            else:
+                state = f"ready ({count} broker{'s' * (count != 1)})"
+            _say(f"broker at {broker.bootstrap}: {state}")
+            return 0 if count >= broker.brokers else 1
         if args.action == "start":
             began = time.monotonic()
             if not broker.start():

@@ -84,10 +84,9 @@ def metadata_brokers(bootstrap: str, timeout: float = 2.0) -> int:
 
     async def probe() -> int:
         client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
-        try:
+        try:  # a metadata request to the first address that answers: that broker's view
             await asyncio.wait_for(client.bootstrap(), timeout)
-            metadata = await asyncio.wait_for(client.fetch_all_metadata(), timeout)
-            return len(metadata.brokers())
+            return len(client.cluster.brokers())
         except Exception:
             return 0
         finally:
@@ -357,7 +356,7 @@ class LocalBroker:
         try:
             for node in self.nodes:
                 self._launch(node)
-            self._wait_ready(self.bootstrap, self.nodes)
+            self._wait_ready(self.nodes)
         except BaseException:  # also Ctrl-C while waiting: leave nothing running
             self.stop()
             raise
@@ -375,8 +374,10 @@ class LocalBroker:
         out.close()
         node.pid_file.write_text(f"{node.process.pid}\n")
 
-    def _wait_ready(self, bootstrap: str, watched: list[Node]) -> None:
-        """Wait until the metadata at ``bootstrap`` lists all the nodes; fail if one exits."""
+    def _wait_ready(self, watched: list[Node]) -> None:
+        """Wait until every running node's own metadata lists every running node as a live
+        broker (registered and unfenced: the nodes' views converge a moment apart); fail if a
+        watched node exits."""
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             for node in watched:
@@ -384,11 +385,13 @@ class LocalBroker:
                 if node.process.poll() is not None:
                     raise BrokerError(f"node {node.node_id} exited with {node.process.returncode}"
                                       f"; see {node.server_log} and {node.logs / 'stdout.log'}")
-            if metadata_ready(bootstrap, timeout=1.0, brokers=self.brokers):
+            running = [node for node in self.nodes if node.running()]
+            if all(metadata_brokers(node.address, timeout=1.0) >= len(running)
+                   for node in running):
                 return
             time.sleep(0.2)
         logs = ", ".join(str(node.server_log) for node in watched)
-        raise BrokerError(f"{bootstrap} did not list {self.brokers} live broker(s) within "
+        raise BrokerError(f"the broker nodes did not all list each other as live within "
                           f"{self.start_timeout:.0f}s; see {logs}")
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -435,12 +438,12 @@ class LocalBroker:
         _terminate([Recorded(pid, node.properties, node.pid_file)], timeout, sig)
 
     def restart_node(self, index: int) -> None:
-        """Start one stopped node again on its data; returns when it serves metadata that lists
-        every node (it has rejoined and been unfenced)."""
+        """Start one stopped node again on its data; returns when every running node's
+        metadata lists it live (it has rejoined and been unfenced)."""
         node = self.node(index)
         self._launch(node)
         try:
-            self._wait_ready(node.address, [node])
+            self._wait_ready([node])
         except BaseException:
             self.stop_node(index)
             raise
