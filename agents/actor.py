@@ -204,7 +204,7 @@ class Batch:
         changes: dict[str, object] = {}
         if isinstance(command, Start | Reject):
             if origin == stored.start:
-                await self.start_again(key, partition, stored)
+                await self.start_again(key, partition, stored, command)
                 return
             if origin in stored.duplicates:
                 return
@@ -222,12 +222,18 @@ class Batch:
         state = await self.publish(key, partition, stored, events)
         self.store(key, partition, stored.model_copy(update={**changes, "state": state}))
 
-    async def start_again(self, key: bytes, partition: int, stored: Stored) -> None:
-        """A start seen before: repeat what its first pass may not have finished."""
+    async def start_again(self, key: bytes, partition: int, stored: Stored,
+                          command: Start | Reject) -> None:
+        """A start seen before: repeat what its first pass may not have finished, and give
+        back attempts admission reserved again for it."""
         state = stored.state
         if state.sms == "requested":
             self.sms[key] = partition  # the first SMS command may have died with the worker
-        if state.is_final and state.max_attempts and stored.start:
+        if isinstance(command, Start) and not state.max_attempts:
+            # Refused the first time, admitted now (admission saw it again after its window
+            # moved): this verdict's reservation is not used by anything.
+            await self.settle(command.phone_number, stored.start or "", ())
+        elif state.is_final and state.max_attempts and stored.start:
             await self.settle(state.phone_number or "", stored.start, tuple(state.wrong_at))
 
     async def tick(self, partition: int, now: datetime) -> None:

@@ -275,6 +275,7 @@ class VerificationClient:
         """Send ``message`` with a new request id and wait for its reply."""
         request_id = uuid.uuid4().hex
         message = message.model_copy(update={"request_id": request_id})
+        await self._check_topic(await self._ready_producer(), topic)
         replies = await self._ready_replies()
         answer = replies.expect(request_id)
         try:

@@ -173,6 +173,8 @@ class TerminateView(ApiView):
 
     async def _terminate(self, request: web.Request, instance_id: str) -> web.Response:
         reason = request.query.get("reason", "")
+        if len(reason) > 500:
+            raise HttpError(400, "reason: at most 500 characters")
         _started(instance_id)
         reply = await _ask(lambda c: c.terminate(instance_id, reason))
         return _answer(self, reply)

@@ -305,6 +305,10 @@ def decide(command: Command, state: Verification) -> list[Event]:
         # behind its start, or waited past its grace for want of a tick) counts from there, so
         # its wrong code stays inside the guess budget's ``hold`` margin (models/admission.py).
         at = max(at, state.created_at - timedelta(seconds=command.hold_seconds))
+    if at >= state.deadline and not isinstance(command, Answer | Expire):
+        # Past the deadline it has expired, whether or not a tick said so yet.
+        expired = _failed(state, "expired", at)
+        return [expired, *decide(command, evolve(state, expired))]
     match command:
         case Answer() if at >= state.deadline:
             return [_failed(state, "expired", at), *_answered(command, "expired")]

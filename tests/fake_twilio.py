@@ -27,7 +27,7 @@ from aiohttp import web
 ACCOUNT_SID = "AC" + "0" * 31 + "1"
 AUTH_TOKEN = "fake-auth-token"
 FROM_NUMBER = "+15005550006"
-INVALID_NUMBER = "+15005550001"
+INVALID_NUMBER = "+14255550111"  # a valid number the fake refuses (Twilio 21211)
 _STALL = 0
 
 _ERRORS = {

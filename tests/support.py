@@ -156,6 +156,27 @@ class Client:
     async def respond(self, instance_id: str, code: str) -> None:
         await self.send("verification.response", {"instance_id": instance_id, "code": code})
 
+    async def ask(self, topic: str, value: dict[str, Any], timeout: float = 30.0,
+                  key: str | None = None) -> dict[str, Any]:
+        """Send a command with a new request_id and return its one Reply (read from the
+        replies topic, so this also proves it is there)."""
+        request_id = uuid.uuid4().hex
+        await self.send(topic, {**value, "request_id": request_id}, key=key)
+        return await self.reply(value["instance_id"], request_id, timeout)
+
+    async def reply(self, instance_id: str, request_id: str,
+                    timeout: float = 30.0) -> dict[str, Any]:
+        records = await self.read(
+            "verification.replies",
+            lambda r: any(x.get("request_id") == request_id for x in r), timeout,
+            key=instance_id)
+        return next(r for r in records if r.get("request_id") == request_id)
+
+    async def replies(self, instance_id: str, request_id: str) -> list[dict[str, Any]]:
+        """Every reply to ``request_id`` so far (one, or identical copies after a crash)."""
+        return [r for r in await self.read_all("verification.replies", key=instance_id)
+                if r.get("request_id") == request_id]
+
     async def read(self, topic: str, until: Callable[[list[dict[str, Any]]], bool],
                    timeout: float = 30.0, key: str | None = None) -> list[dict[str, Any]]:
         """Read ``topic`` from the beginning until ``until(records)`` holds; returns them."""
@@ -216,9 +237,9 @@ def _decode(raw: bytes | None) -> dict[str, Any]:
 
 # Pipeline order: when a stage's inputs are all committed, everything it produced is on the
 # next stage's topics (Faust flushes its producer before it commits).
-PIPELINE = ("verification.start", "verification.start-by-phone", "verification.admitted",
-            "verification.response", "verification.terminate", "verification.sms",
-            "verification.sms-status")
+PIPELINE = ("verification.start", "verification.admission", "verification.admitted",
+            "verification.response", "verification.terminate", "verification.rerouted",
+            "verification.sms", "verification.sms-status")
 
 
 async def quiesce(deployment: Deployment, timeout: float = 30.0) -> None:

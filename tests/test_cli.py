@@ -45,7 +45,8 @@ class Result:
 def shared(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     """One deployment and worker for this module's tests (each uses its own instance ids)."""
     deployment = Deployment(kafka, Path(tmp_path_factory.mktemp("cli")))
-    worker = Worker(deployment, "cli-w1", VERIFICATION_MAX_ATTEMPTS="2", RATE_LIMIT_STARTS="1000")
+    worker = Worker(deployment, "cli-w1", VERIFICATION_MAX_ATTEMPTS="2", RATE_LIMIT_STARTS="1000",
+                    GUESS_LIMIT="1000", EARLY_COMMAND_GRACE_SECONDS="1")
     try:
         worker.start()
         yield Shared(deployment, worker)
@@ -86,51 +87,53 @@ async def background() -> AsyncIterator[list[asyncio.subprocess.Process]]:
             await process.wait()
 
 
-async def until_status(shared: Shared, iid: str, timeout: float = 30.0) -> Result:
-    """``status ID --json`` until it exits 0 (it exits 1 while the start is not processed)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    result = Result(-1, "", "")
-    while loop.time() < deadline:
-        result = await run(shared.env(), "status", iid, "--json")
-        if result.code == 0:
-            return result
-        assert result.code == 1 and "no verification" in result.err, result
-    raise TimeoutError(f"status {iid} never found: {result}")
-
-
 async def test_help_teaches_with_examples():
     result = await run({}, "--help")
     assert result.code == 0
-    for words in ("examples", 'phoneverify start "+1 425-555-0100"', "exit codes",
-                  "3  timeout, or Kafka", "--json"):
+    for words in ("examples", 'phoneverify start "+1 425-555-0142"', "exit codes",
+                  "3  no answer", "4  refused", "--json", "--no-wait"):
         assert words in result.out
     result = await run({}, "respond", "--help")
     assert result.code == 0 and "example:\n  phoneverify respond signup-42 0042" in result.out
-    result = await run({}, "watch", "--help", program=(sys.executable, "-m", "phoneverify.interfaces.cli"))
+    assert re.search(r"^  ID +the verification's id", result.out, re.M)
+    result = await run({}, "watch", "--help",
+                       program=(sys.executable, "-m", "phoneverify.interfaces.cli"))
     assert result.code == 0 and "--timeout SECONDS" in result.out
     result = await run({}, "status", "--help")
     assert "--api-key" in result.out and "--url" in result.out
+    result = await run({}, "worker", "--help")  # every setting, with its default
+    assert "VERIFICATION_TIMEOUT_SECONDS=90.0" in result.out and "GUESS_LIMIT=20" in result.out
+    result = await run({}, "replay", "--help")
+    assert "--bootstrap-servers" in result.out and "``" not in result.out
 
 
 async def test_start_respond_status_watch_to_verified(shared, background):
     result = await run(shared.env(), "start", PHONE, "--json")
     assert result.code == 0, result
     started = result.json()
-    iid = started["id"]
-    assert started == {"id": iid, "phone_number": "+14255550100"} and len(iid) == 32
+    iid = started["instance_id"]
+    assert (started["result"], started["status"], started["attempts_left"]) == (
+        "started", "pending", 2) and len(iid) == 32
 
     watcher = await spawn(shared.env(), "watch", "--id", iid, "--timeout", "60", "--json")
     background.append(watcher)
-    status = (await until_status(shared, iid)).json()
+    # Started means the status answers at once: no polling.
+    result = await run(shared.env(), "status", iid, "--json")
+    assert result.code == 0, result
+    status = result.json()
     assert status["instanceId"] == iid and status["input"] == mask("+14255550100")
     assert status["runtimeStatus"] in ("Pending", "Running") and status["output"] is None
 
     async with Client(shared.deployment) as kafka:
         code = await kafka.sms_code(iid)
+    wrong = "0000" if code != "0000" else "1111"
+    result = await run(shared.env(), "respond", iid, wrong)
+    assert result.code == 1 and re.fullmatch(
+        rf"Wrong code for {iid}: 1 attempt left, until \d\d:\d\d:\d\d UTC\.\n", result.out)
     result = await run(shared.env(), "respond", iid, code)
-    assert result.code == 0 and result.out == (
-        f"Code sent for {iid}; the outcome: phoneverify watch --id {iid}\n")
+    assert (result.code, result.out) == (0, f"Verified: {iid} (the code matched).\n")
+    result = await run(shared.env(), "respond", iid, code)
+    assert result.code == 4 and f"{iid} had already concluded (verified)" in result.err
 
     watched = await finish(watcher)
     assert watched.code == 0, watched
@@ -147,14 +150,15 @@ async def test_start_respond_status_watch_to_verified(shared, background):
 
 async def test_failed_and_terminated_outcomes_exit_1(shared):
     result = await run(shared.env(), "start", "425 555 0100", "--id", "cli-fail-1x")
-    assert result.code == 0 and result.out.startswith(
-        "Started verification cli-fail-1x: an SMS with a code goes to +14255550100.\n")
-    await until_status(shared, "cli-fail-1x")
+    assert result.code == 0 and re.match(
+        r"Started verification cli-fail-1x: an SMS with a code is on its way; 2 attempts until "
+        r"\d\d:\d\d:\d\d UTC\.\n", result.out)
     async with Client(shared.deployment) as kafka:
         code = await kafka.sms_code("cli-fail-1x")
     wrong = "0000" if code != "0000" else "1111"
-    for _ in range(2):  # VERIFICATION_MAX_ATTEMPTS=2
-        assert (await run(shared.env(), "respond", "cli-fail-1x", wrong)).code == 0
+    assert (await run(shared.env(), "respond", "cli-fail-1x", wrong)).code == 1
+    result = await run(shared.env(), "respond", "cli-fail-1x", wrong)
+    assert result.code == 1 and "it was the last attempt: the verification failed" in result.out
     result = await run(shared.env(), "watch", "--id", "cli-fail-1x", "--timeout", "30")
     assert result.code == 1, result
     assert re.fullmatch(r"\S+Z  cli-fail-1x  failed \(too_many_attempts, 2 attempts\)\n",
@@ -162,12 +166,21 @@ async def test_failed_and_terminated_outcomes_exit_1(shared):
     result = await run(shared.env(), "status", "cli-fail-1x", "--json")
     assert result.code == 1 and result.json()["output"] is False
 
-    result = await run(shared.env(), "start", PHONE, "--id", "cli-term-1x")
-    await until_status(shared, "cli-term-1x")
+    assert (await run(shared.env(), "start", PHONE, "--id", "cli-term-1x")).code == 0
     result = await run(shared.env(), "terminate", "cli-term-1x", "--reason", "user left")
-    assert result.code == 0 and result.out == "Termination of cli-term-1x requested.\n"
+    assert (result.code, result.out) == (0, "Terminated cli-term-1x.\n")
     result = await run(shared.env(), "watch", "--id", "cli-term-1x", "--timeout", "30", "--json")
     assert result.code == 1 and result.json()["status"] == "terminated"
+    result = await run(shared.env(), "terminate", "cli-term-1x")
+    assert result.code == 4 and "had already concluded (terminated)" in result.err
+
+
+async def test_no_wait_only_sends(shared):
+    result = await run(shared.env(), "start", PHONE, "--id", "cli-nowait", "--no-wait")
+    assert (result.code, result.out) == (
+        0, "Start of cli-nowait sent (not waiting for the answer).\n")
+    result = await run(shared.env(), "respond", "cli-nowait", "1234", "--no-wait", "--json")
+    assert result.json() == {"instance_id": "cli-nowait", "sent": True}
 
 
 async def test_watch_follows_outcomes_as_they_come(shared, background):
@@ -181,7 +194,6 @@ async def test_watch_follows_outcomes_as_they_come(shared, background):
     for iid in ids:
         assert (await run(shared.env(), "start", PHONE, "--id", iid)).code == 0
     for iid in ids:
-        await until_status(shared, iid)
         assert (await run(shared.env(), "terminate", iid)).code == 0
     watched = await finish(watcher)
     assert watched.code == 0, watched
@@ -207,12 +219,18 @@ async def test_watch_follows_outcomes_as_they_come(shared, background):
     (("start", PHONE, "--bogus"), {}, 2, "unrecognized arguments: --bogus"),
     ((), {}, 2, "required: COMMAND"),
     (("watch", "--count", "0"), {}, 2, "--count must be at least 1"),
+    (("start", "555-0100"), {}, 2, "not a valid phone number"),
+    (("start", "+1 900 555 0100", "--json"), {}, 2, "premium rate numbers are not served"),
+    (("start", PHONE, "--id", "cli-fail-1x"), {}, 4, "the id cli-fail-1x is already in use"),
+    (("respond", "cli-nobody", "1234"), {}, 4, "no verification cli-nobody has started"),
+    (("terminate", "cli-nobody-2"), {}, 4, "no verification cli-nobody-2 has started"),
+    (("respond", "cli-slow", "1234", "--timeout", "0.1"), {}, 3, "may still take effect"),
     (("start", PHONE), {"KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1"}, 3, "cannot reach Kafka"),
     (("start", PHONE), {"TOPIC_PREFIX": "nowhere."}, 3,
      "topic nowhere.verification.start does not exist"),
     (("status", "abc", "--url", "http://127.0.0.1:1"), {}, 3, "no answer from"),
     (("status", "abc", "--api-key", "wrong"), {}, 2, "refused the API key"),
-    (("status", "cli-unknown"), {}, 1, "no verification cli-unknown"),
+    (("status", "cli-unknown"), {}, 4, "no verification cli-unknown"),
     (("status", "a/b"), {}, 2, "is not valid"),
 ])
 async def test_exit_codes(shared, args, extra, code, words):

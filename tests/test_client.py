@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from phoneverify.interfaces.client import (
+from phoneverify import (
+    BlockedNumber,
+    InstanceIdInUse,
     InvalidInput,
+    InvalidPhoneNumber,
     KafkaUnavailable,
     OutcomeTimeout,
+    RateLimited,
+    ReplyTimeout,
+    UnknownVerification,
     VerificationClient,
     VerificationError,
 )
@@ -30,7 +36,8 @@ def shared(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dep
     """One deployment and worker for this module's tests (each uses its own instance ids)."""
     deployment = Deployment(kafka, Path(tmp_path_factory.mktemp("client")))
     worker = Worker(deployment, "client-w1", VERIFICATION_MAX_ATTEMPTS="2",
-                    RATE_LIMIT_STARTS="1000")
+                    RATE_LIMIT_STARTS="1000", GUESS_LIMIT="1000",
+                    EARLY_COMMAND_GRACE_SECONDS="2")
     try:
         worker.start()
         yield deployment
@@ -49,13 +56,18 @@ def wrong(code: str) -> str:
 
 
 async def test_start_then_the_right_code_verifies(shared, client):
-    iid = await client.start(PHONE)
+    started = await client.start(PHONE)
+    iid = started.instance_id
     assert len(iid) == 32 and uuid.UUID(iid).version == 4
+    assert (started.result, started.status, started.attempts_left) == ("started", "pending", 2)
+    assert started.deadline is not None
     async with Client(shared) as kafka:
         [record] = await kafka.read("verification.start", lambda r: len(r) == 1, key=iid)
-        assert record == {"instance_id": iid, "phone_number": "+14255550100"}
+        assert record == {"instance_id": iid, "phone_number": "+14255550100",
+                          "request_id": started.request_id}
         code = await kafka.sms_code(iid)
-    await client.submit_code(iid, code)
+    reply = await client.submit_code(iid, code)
+    assert (reply.result, reply.status, reply.deadline) == ("verified", "verified", None)
     outcome = await client.wait_for_outcome(iid, timeout=30)
     assert (outcome.instance_id, outcome.verified, outcome.status, outcome.reason,
             outcome.attempts) == (iid, True, "verified", "code_matched", 1)
@@ -67,34 +79,35 @@ async def test_start_then_the_right_code_verifies(shared, client):
 async def test_leading_zeros_count(shared, client):
     iid = next(i for i in (f"zeros-{uuid.uuid4().hex[:8]}" for _ in itertools.count())
                if draw_code(TEST_CODE_KEY.encode(), i, 4).startswith("0"))
-    assert await client.start("4255550100", instance_id=iid) == iid
+    assert (await client.start("4255550100", instance_id=iid)).instance_id == iid
     async with Client(shared) as kafka:
         code = await kafka.sms_code(iid)
-        assert code.startswith("0")
-        await client.submit_code(iid, code.lstrip("0") or "0")  # "042" is not "0042"
-        await kafka.read("verification.events",
-                         lambda r: any(e["type"] == "code_rejected" for e in r), key=iid)
-    await client.submit_code(iid, code)
+    assert code.startswith("0")
+    reply = await client.submit_code(iid, code.lstrip("0") or "0")  # "042" is not "0042"
+    assert (reply.result, reply.attempts_left) == ("wrong_code", 1)
+    assert (await client.submit_code(iid, code)).result == "verified"
     outcome = await client.wait_for_outcome(iid, timeout=30)
     assert (outcome.status, outcome.attempts) == ("verified", 2)
 
 
 async def test_wrong_codes_fail(shared, client):
-    iid = await client.start(PHONE)
+    iid = (await client.start(PHONE)).instance_id
     async with Client(shared) as kafka:
         code = await kafka.sms_code(iid)
-    for _ in range(2):  # VERIFICATION_MAX_ATTEMPTS=2
-        await client.submit_code(iid, wrong(code))
+    results = [(await client.submit_code(iid, wrong(code))).result for _ in range(2)]
+    assert results == ["wrong_code", "too_many_attempts"]  # VERIFICATION_MAX_ATTEMPTS=2
+    ended = await client.submit_code(iid, code)
+    assert (ended.result, ended.status) == ("ended", "failed")
     outcome = await client.wait_for_outcome(iid, timeout=30)
     assert (outcome.verified, outcome.status, outcome.reason, outcome.attempts) == (
         False, "failed", "too_many_attempts", 2)
 
 
 async def test_terminate(shared, client):
-    iid = await client.start(PHONE, instance_id=f"term-{uuid.uuid4().hex[:8]}")
-    async with Client(shared) as kafka:
-        await kafka.sms_code(iid)  # started
-    await client.terminate(iid, "user cancelled")
+    iid = (await client.start(PHONE, instance_id=f"term-{uuid.uuid4().hex[:8]}")).instance_id
+    reply = await client.terminate(iid, "user cancelled")
+    assert (reply.result, reply.status) == ("terminated", "terminated")
+    assert (await client.terminate(iid)).result == "ended"
     outcome = await client.wait_for_outcome(iid, timeout=30)
     assert (outcome.verified, outcome.status, outcome.reason) == (False, "terminated",
                                                                   "terminated")
@@ -102,11 +115,8 @@ async def test_terminate(shared, client):
 
 async def test_outcomes_iterator_yields_outcomes_as_they_come(shared, client):
     async with client.outcomes() as every, client.outcomes(instance_id="x-none") as none:
-        first = await client.start(PHONE)
-        second = await client.start(PHONE)
-        async with Client(shared) as kafka:
-            await kafka.sms_code(first)
-            await kafka.sms_code(second)
+        first = (await client.start(PHONE)).instance_id
+        second = (await client.start(PHONE)).instance_id
         await client.terminate(second, "second first")
         await client.terminate(first, "then the first")
         seen = [await asyncio.wait_for(anext(every), 30) for _ in range(2)]
@@ -125,7 +135,7 @@ async def test_outcomes_iterator_yields_outcomes_as_they_come(shared, client):
 
 
 async def test_wait_for_outcome_times_out_clearly(client):
-    iid = await client.start(PHONE)
+    iid = (await client.start(PHONE)).instance_id
     with pytest.raises(OutcomeTimeout, match=f"no outcome for {iid} within 0.5s"):
         await client.wait_for_outcome(iid, timeout=0.5)
     with pytest.raises(TimeoutError):  # a TimeoutError, for callers that catch only that
@@ -160,4 +170,54 @@ async def test_unreachable_kafka_and_missing_topics(kafka):
         with pytest.raises(KafkaUnavailable, match=re.escape(
                 "topic no-such-deployment.verification.start does not exist")):
             await client.start(PHONE)
+        with pytest.raises(KafkaUnavailable, match=re.escape(
+                "topic no-such-deployment.verification.start does not exist")):
+            await client.send_start(PHONE)
     assert issubclass(KafkaUnavailable, VerificationError)
+
+
+async def test_refusals_raise_typed_errors_that_say_why(shared, client):
+    iid = (await client.start(PHONE)).instance_id
+    with pytest.raises(InstanceIdInUse, match=f"the id {iid} is already in use") as used:
+        await client.start(PHONE, instance_id=iid)
+    assert (used.value.reply.result, used.value.reply.status) == ("duplicate", "pending")
+    with pytest.raises(InvalidPhoneNumber, match="not a valid phone number"):
+        await client.start("555-0100")  # possible (7 digits), not valid
+    with pytest.raises(BlockedNumber, match="premium rate numbers are not served"):
+        await client.start("+1 900 555 0100")
+    with pytest.raises(UnknownVerification, match="no verification nobody-here has started"):
+        await client.submit_code("nobody-here", "1234")
+    with pytest.raises(UnknownVerification):
+        await client.terminate("nobody-here-either")
+    for refusal in (InstanceIdInUse, InvalidPhoneNumber, BlockedNumber, UnknownVerification,
+                    RateLimited):
+        assert issubclass(refusal, VerificationError)
+
+
+async def test_rate_limited_says_when_to_retry(kafka, tmp_path):
+    deployment = Deployment(kafka, tmp_path)
+    worker = Worker(deployment, "limited", RATE_LIMIT_STARTS="1").start()
+    try:
+        async with VerificationClient(kafka, topic_prefix=deployment.prefix) as client:
+            await client.start(PHONE)
+            with pytest.raises(RateLimited, match="too many verifications") as limited:
+                await client.start(PHONE)
+            assert 0 < limited.value.retry_after <= 600
+    finally:
+        worker.stop()
+
+
+async def test_codes_sent_without_waiting_right_after_the_start_still_count(shared, client):
+    iid = f"quick-{uuid.uuid4().hex[:8]}"
+    await client.send_start(PHONE, instance_id=iid)
+    await client.send_code(iid, "0000" if draw_code(TEST_CODE_KEY.encode(), iid, 4) != "0000"
+                           else "1111")
+    await client.send_code(iid, draw_code(TEST_CODE_KEY.encode(), iid, 4))
+    outcome = await client.wait_for_outcome(iid, timeout=30)
+    assert (outcome.status, outcome.attempts) == ("verified", 2)
+
+
+async def test_no_reply_in_time_says_the_command_may_still_take_effect(shared, client):
+    with pytest.raises(ReplyTimeout, match="may still take effect") as late:
+        await client.submit_code("nobody-yet", "1234", timeout=0.2)  # unknown after the grace
+    assert isinstance(late.value, TimeoutError)

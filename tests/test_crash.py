@@ -1,10 +1,12 @@
 """Delivery guarantees under SIGKILL, and replay: the state is rebuilt from the events alone.
 
-The worker is killed (no shutdown, no flush, no commit) while starts are in flight and again
-while answers are in flight. Afterwards every verification has its outcome, duplicates (there
-may be, the guarantee is at-least-once) are identical, no verification got two SMS with
-different codes, no redelivered wrong answer was counted twice, and replaying
-``verification.events`` gives exactly the live table.
+The worker is killed (no shutdown, no flush, no commit) while starts are in flight, with codes
+sent before their starts (held, waiting for them), and again while answers are in flight. The
+first restart reuses the killed worker's local store (its RocksDB files, as a restart on the
+same machine does); the second starts from an empty one (restored from the changelogs).
+Afterwards every command has its reply (copies identical), every verification its outcome
+(copies identical), no verification got two SMS with different codes, no redelivered wrong
+answer was counted twice, and replaying ``verification.events`` gives exactly the live table.
 """
 
 from __future__ import annotations
@@ -13,15 +15,14 @@ import uuid
 from collections import defaultdict
 from typing import Any
 
+from phoneverify.models.codes import draw_code
 from phoneverify.ops.replay import run as replay
 
-from support import Client, Deployment
+from support import TEST_CODE_KEY, Client, Deployment
 
 N = 600
-# A long window (restarts must not expire anything) and a short session timeout (so the group
-# drops the killed member quickly instead of waiting Faust's default 60 s).
-ENV = {"VERIFICATION_TIMEOUT_SECONDS": "900", "BROKER_SESSION_TIMEOUT": "10",
-       "BROKER_HEARTBEAT_INTERVAL": "1"}
+# A long window and grace: the restarts must not expire anything or drop a held code.
+ENV = {"VERIFICATION_TIMEOUT_SECONDS": "900", "EARLY_COMMAND_GRACE_SECONDS": "300"}
 
 
 def by_instance(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -31,30 +32,38 @@ def by_instance(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
     return grouped
 
 
+def other(code: str) -> str:
+    return str((int(code) + 1) % 10_000).zfill(4)
+
+
 async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
         deployment: Deployment, start_worker) -> None:
     worker = start_worker("first", **ENV)
+    ids = [uuid.uuid4().hex for _ in range(N)]
+    codes = {iid: draw_code(TEST_CODE_KEY.encode(), iid, 4) for iid in ids}
     async with Client(deployment) as client:
-        ids = [uuid.uuid4().hex for _ in range(N)]
-        for i, iid in enumerate(ids):
-            await client.send("verification.start",
-                              {"instance_id": iid, "phone_number": f"+1425555{i:04d}"})
+        for i, iid in enumerate(ids):  # a wrong code overtakes each start: it is held
+            await client.send("verification.response", {"instance_id": iid,
+                                                        "code": other(codes[iid]),
+                                                        "request_id": f"w-{iid}"})
+            await client.send("verification.start", {"instance_id": iid,
+                                                     "phone_number": f"+1425555{i:04d}",
+                                                     "request_id": f"s-{iid}"})
         await client.read("verification.sms", lambda r: len(r) >= N // 4)
         worker.kill()
-        worker = start_worker("second", **ENV)
+        worker = start_worker("first", **ENV)  # the same local store
 
         sms = by_instance(await client.read(
             "verification.sms", lambda r: len(by_instance(r)) == N, timeout=120))
         assert all(len({s["body"] for s in copies}) == 1 for copies in sms.values())
-        codes = {iid: copies[0]["body"].rsplit(" ", 1)[1] for iid, copies in sms.items()}
+        assert {iid: copies[0]["body"].rsplit(" ", 1)[1] for iid, copies in sms.items()} == codes
 
-        for iid in ids:  # one wrong answer, then the right one: two attempts each
-            wrong = str((int(codes[iid]) + 1) % 10_000).zfill(4)
-            await client.respond(iid, wrong)
-            await client.respond(iid, codes[iid])
+        for iid in ids:
+            await client.send("verification.response", {"instance_id": iid, "code": codes[iid],
+                                                        "request_id": f"r-{iid}"})
         await client.read("verification.outcome", lambda r: len(r) >= N // 4, timeout=120)
         worker.kill()
-        start_worker("third", **ENV)
+        start_worker("second", **ENV)  # an empty local store
 
         outcomes = by_instance(await client.read(
             "verification.outcome", lambda r: len(by_instance(r)) == N, timeout=120))
@@ -62,9 +71,23 @@ async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
         for copies in outcomes.values():
             assert all(copy == copies[0] for copy in copies)  # duplicates are identical
             assert copies[0]["verified"] is True, copies[0]
-            assert copies[0]["attempts"] == 2  # a redelivered wrong answer is not counted twice
-        duplicates = sum(len(c) - 1 for c in outcomes.values())
-        print(f"\n{N} verifications, 2 kills: {duplicates} duplicate outcomes, "
+            assert copies[0]["attempts"] == 2  # the held wrong code counted once, then right
+
+        replies = defaultdict(list)
+        for reply in await client.read(
+                "verification.replies", lambda r: len({x["request_id"] for x in r}) == 3 * N,
+                timeout=120):
+            replies[reply["request_id"]].append(reply)
+        for iid in ids:
+            for request, result, left in ((f"s-{iid}", "started", 4),
+                                          (f"w-{iid}", "wrong_code", 3),
+                                          (f"r-{iid}", "verified", 2)):
+                copies = replies[request]
+                assert all(copy == copies[0] for copy in copies), copies
+                assert (copies[0]["result"], copies[0]["attempts_left"]) == (result, left)
+        print(f"\n{N} verifications, 2 kills: "
+              f"{sum(len(c) - 1 for c in outcomes.values())} duplicate outcomes, "
+              f"{sum(len(c) - 1 for c in replies.values())} duplicate replies, "
               f"{sum(len(c) - 1 for c in sms.values())} duplicate SMS commands (same code)")
 
     report = await replay(deployment.app_settings())
@@ -81,10 +104,11 @@ async def test_replay_reports_a_difference(deployment: Deployment, start_worker)
         report = await replay(deployment.app_settings())
         assert report.ok
         assert report.matching == 1
+        first = (await client.read_all("verification.events", key=iid))[0]
         # An event nobody decided: replay must notice that the table disagrees.
         await client.send("verification.events", {
-            "seq": 99, "type": "terminated", "instance_id": iid, "reason": "forged",
-            "attempts": 0, "at": "2030-01-01T00:00:00Z"})
+            "seq": 99, "life": first["life"], "type": "terminated", "instance_id": iid,
+            "reason": "forged", "attempts": 0, "at": "2030-01-01T00:00:00Z"})
         report = await replay(deployment.app_settings())
         assert not report.ok
         assert any(iid in problem for problem in report.problems)

@@ -60,12 +60,8 @@ async def poll(session: aiohttp.ClientSession, url: str, until: Callable[[int, A
     raise TimeoutError(f"GET {url}: condition not met in {timeout}s; last answer {seen}")
 
 
-def started(status: int, body: Any) -> bool:
+def running(status: int, body: Any) -> bool:
     return status == 200 and body["runtimeStatus"] == "Running"
-
-
-def finished(status: int, body: Any) -> bool:
-    return status == 200 and body["runtimeStatus"] in ("Completed", "Terminated")
 
 
 def assert_no_secrets(body: Any, instance_id: str, code: str) -> None:
@@ -88,22 +84,43 @@ async def test_every_request_needs_the_api_key(start_worker):
             assert status == 401
 
 
+async def test_several_keys_for_rotation_and_a_body_limit(start_worker):
+    worker = start_worker(API_KEYS="next-key, other-key", HTTP_MAX_BODY_BYTES="200")
+    url = f"{base(worker)}/verifications/nobody"
+    async with aiohttp.ClientSession() as session:
+        for key in ("test-api-key", "next-key", "other-key"):
+            async with session.get(url, headers={"X-API-Key": key}) as response:
+                assert response.status == 404
+        async with session.get(url, headers={"X-API-Key": "next"}) as response:
+            assert response.status == 401
+        status, body, _ = await post(session, f"{base(worker)}/verifications",
+                                     raw=b'"' + b"1" * 300 + b'"', headers=KEY)
+        assert (status, body) == (413, {"error": "request body over 200 bytes"})
+
+
 async def test_bad_input_is_400_saying_what_is_wrong(start_worker, http):
     worker = start_worker()
     url = f"{base(worker)}/verifications"
+    async with Client(worker.deployment) as kafka:  # a verification to send bad codes to
+        iid = await kafka.start()
+        await kafka.sms_code(iid)
     cases = [
         (url, None, b"{not json", "not valid JSON"),
+        (url, None, b"\xff\xfe", "not valid JSON"),
         (url, 4255550100, None, "JSON string"),
-        (url, {"instance_id": "x"}, None, "phone_number: Field required"),
+        (url, {"instance_id": "x"}, None, "phone_number"),
         (url, "call me maybe", None, "phone_number: not a phone number"),
         (url, "+1 425", None, "phone_number: not a possible phone number"),
+        (url, "555-0100", None, "not a valid phone number"),
+        (url, "+1 900 555 0100", None, "premium rate numbers are not served"),
         (url, {"phone_number": PHONE, "instance_id": "no spaces"}, None, "instance_id"),
         (url, {"phone_number": PHONE, "instance_id": 7}, None, "instance_id"),
-        (f"{url}/abc/raiseEvent/SmsChallengeResponse", "12a4", None, "code"),
-        (f"{url}/abc/raiseEvent/SmsChallengeResponse", 12.5, None, "code"),
-        (f"{url}/abc/raiseEvent/SmsChallengeResponse", -1, None, "code"),
-        (f"{url}/abc/raiseEvent/SmsChallengeResponse", {"code": "1234"}, None, "code"),
-        (f"{url}/abc/terminate?reason={'x' * 501}", None, b"", "reason"),
+        (f"{url}/{iid}/raiseEvent/SmsChallengeResponse", "12a4", None, "code"),
+        (f"{url}/{iid}/raiseEvent/SmsChallengeResponse", 12.5, None, "code"),
+        (f"{url}/{iid}/raiseEvent/SmsChallengeResponse", -1, None, "code"),
+        (f"{url}/{iid}/raiseEvent/SmsChallengeResponse", {"code": "1234"}, None, "code"),
+        (f"{url}/{iid}/raiseEvent/Approval", "1234", None, "unknown event 'Approval'"),
+        (f"{url}/{iid}/terminate?reason={'x' * 501}", None, b"", "reason"),
         (f"{url}/{'a' * 65}/terminate", None, b"", "instance id"),
     ]
     for target, body, raw, words in cases:
@@ -120,9 +137,8 @@ async def test_start_to_verified_with_a_numeric_code(deployment, start_worker, h
     iid = next(i for i in (uuid.uuid4().hex for _ in itertools.count())
                if draw_code(TEST_CODE_KEY.encode(), i, 4).startswith("0"))
     status_url = f"{base(worker)}/verifications/{iid}"
-    assert await get(http, status_url) == (404, {"error": f"no verification {iid} (a start that "
-                                                 "was just accepted shows here once it has "
-                                                 "been processed)"})
+    assert await get(http, status_url) == (404, {"error": f"no verification {iid} (never "
+                                                 "started, or concluded more than 3600 s ago)"})
 
     status, body, headers = await post(http, f"{base(worker)}/verifications",
                                        {"phone_number": PHONE, "instance_id": iid})
@@ -131,24 +147,32 @@ async def test_start_to_verified_with_a_numeric_code(deployment, start_worker, h
                     "sendEventPostUri": f"{status_url}/raiseEvent/SmsChallengeResponse",
                     "terminatePostUri": f"{status_url}/terminate?reason={{text}}"}
     assert headers["Location"] == status_url
-
-    running = await poll(http, status_url, started)
-    assert running["input"] == MASKED and running["output"] is None
-    assert running["attemptsLeft"] == 4 and running["reason"] is None
-    assert running["createdTime"].endswith("Z") and running["deadline"] > running["createdTime"]
+    # 202 means started: the status answers at once (as in the seed), no 404 first.
+    status, pending = await get(http, status_url)
+    assert status == 200 and pending["runtimeStatus"] in ("Pending", "Running")
+    assert pending["input"] == MASKED and pending["output"] is None
+    assert pending["attemptsLeft"] == 4 and pending["reason"] is None
+    assert pending["createdTime"].endswith("Z") and pending["deadline"] > pending["createdTime"]
+    await poll(http, status_url, running)  # the SMS was sent
 
     async with Client(deployment) as kafka:
         code = await kafka.sms_code(iid)
     assert code.startswith("0")
-    status, body, _ = await post(http, body["sendEventPostUri"], int(code))
-    assert (status, body) == (202, {"id": iid})
-
-    done = await poll(http, status_url, finished)
+    status, answer, _ = await post(http, body["sendEventPostUri"], int(code))
+    assert (status, answer) == (202, {"id": iid, "result": "verified", "attemptsLeft": 3,
+                                      "runtimeStatus": "Completed", "output": True})
+    status, done = await get(http, status_url)
     assert done["runtimeStatus"] == "Completed" and done["output"] is True
     assert done["reason"] == "code_matched" and done["attempts"] == 1
     assert done["lastUpdatedTime"] >= done["createdTime"]
     assert_no_secrets(done, iid, code)
-    assert_no_secrets(running, iid, code)
+    assert_no_secrets(pending, iid, code)
+    # Concluded: 410 for anything more; a used id is 409.
+    status, answer, _ = await post(http, body["sendEventPostUri"], code)
+    assert status == 410 and answer["result"] == "ended" and "already concluded" in answer["error"]
+    status, answer, _ = await post(http, f"{base(worker)}/verifications",
+                                   {"phone_number": PHONE, "instance_id": iid})
+    assert status == 409 and f"the id {iid} is already in use" in answer["error"]
 
 
 async def test_start_with_a_json_string_then_wrong_codes_fail(deployment, start_worker, http):
@@ -157,14 +181,13 @@ async def test_start_with_a_json_string_then_wrong_codes_fail(deployment, start_
     assert status == 202
     iid = body["id"]
     assert len(iid) == 32 and uuid.UUID(iid).version == 4
-    await poll(http, body["statusQueryGetUri"], started)
     async with Client(deployment) as kafka:
         code = await kafka.sms_code(iid)
     wrong = "0000" if code != "0000" else "1111"
-    for _ in range(2):
-        status, _, _ = await post(http, body["sendEventPostUri"], wrong)
-        assert status == 202
-    done = await poll(http, body["statusQueryGetUri"], finished)
+    answers = [await post(http, body["sendEventPostUri"], wrong) for _ in range(2)]
+    assert [(s, a["result"], a["attemptsLeft"], a["output"]) for s, a, _ in answers] == [
+        (202, "wrong_code", 1, None), (202, "too_many_attempts", 0, False)]
+    status, done = await get(http, body["statusQueryGetUri"])
     assert done["runtimeStatus"] == "Completed" and done["output"] is False
     assert done["reason"] == "too_many_attempts" and done["attemptsLeft"] == 0
     assert_no_secrets(done, iid, code)
@@ -173,17 +196,61 @@ async def test_start_with_a_json_string_then_wrong_codes_fail(deployment, start_
 async def test_terminate(start_worker, http):
     worker = start_worker()
     status, body, _ = await post(http, f"{base(worker)}/verifications", PHONE)
-    await poll(http, body["statusQueryGetUri"], started)
     terminate = body["terminatePostUri"].replace("{text}", "changed my mind")
     status, answer, _ = await post(http, terminate, raw=b"")
-    assert (status, answer) == (202, {"id": body["id"]})
-    done = await poll(http, body["statusQueryGetUri"], finished)
+    assert (status, answer["result"], answer["runtimeStatus"]) == (202, "terminated",
+                                                                   "Terminated")
+    status, done = await get(http, body["statusQueryGetUri"])
     assert done["runtimeStatus"] == "Terminated" and done["output"] is False
     assert done["reason"] == "terminated" and done["terminateReason"] == "changed my mind"
     assert done["input"] == MASKED
+    status, answer, _ = await post(http, terminate, raw=b"")
+    assert status == 410
+    status, answer, _ = await post(http, f"{base(worker)}/verifications/nobody/terminate",
+                                   raw=b"")
+    assert status == 404 and "no verification nobody" in answer["error"]
 
 
-async def test_status_is_routed_to_the_owning_worker(start_worker, http):
+async def test_rate_limited_is_429_with_retry_after(start_worker, http):
+    worker = start_worker(RATE_LIMIT_STARTS="1")
+    url = f"{base(worker)}/verifications"
+    assert (await post(http, url, "+1 425-555-0161"))[0] == 202
+    status, answer, headers = await post(http, url, "+1 425-555-0161")
+    assert status == 429 and "too many verifications" in answer["error"]
+    assert 1 <= int(headers["Retry-After"]) <= 600
+
+
+async def test_no_reply_in_time_is_504(start_worker, http):
+    worker = start_worker(HTTP_REPLY_TIMEOUT_SECONDS="0.001")
+    status, answer, _ = await post(http, f"{base(worker)}/verifications", PHONE)
+    assert status == 504 and "may still take effect" in answer["error"]
+
+
+async def test_the_seeds_own_requests_work_unchanged(deployment, start_worker, http):
+    worker = start_worker()
+    status, body, headers = await post(
+        http, f"{base(worker)}/orchestrators/E4_SmsPhoneVerification", "+1 425-555-0162")
+    assert status == 202
+    iid = body["id"]
+    seed = f"{base(worker)}/admin/extensions/DurableTaskExtension/instances/{iid}"
+    assert body["statusQueryGetUri"].startswith(f"{seed}?taskHub=")
+    assert body["sendEventPostUri"].startswith(f"{seed}/raiseEvent/{{eventName}}?")
+    assert body["terminatePostUri"].startswith(f"{seed}/terminate?reason={{text}}&")
+    assert headers["Location"] == body["statusQueryGetUri"]
+    # The seed's status request, with its query parameters (accepted and ignored).
+    status, state = await get(http, f"{seed}?taskHub=DurableFunctionsHub&connection=Storage"
+                                    "&code=XYZ")
+    assert status == 200 and state["instanceId"] == iid
+    async with Client(deployment) as kafka:
+        code = await kafka.sms_code(iid)
+    raise_event = body["sendEventPostUri"].replace("{eventName}", "SmsChallengeResponse")
+    status, answer, _ = await post(http, raise_event, int(code))
+    assert (status, answer["result"]) == (202, "verified")
+    status, answer, _ = await post(http, body["terminatePostUri"].replace("{text}", "x"), raw=b"")
+    assert status == 410
+
+
+async def test_commands_reach_the_owning_worker_from_either(start_worker, http):
     a = start_worker("a")
     b = start_worker("b")
     urls = {base(a): "a", base(b): "b"}
@@ -210,9 +277,18 @@ async def test_status_is_routed_to_the_owning_worker(start_worker, http):
         status, _, _ = await post(http, f"{base(a)}/verifications",
                                   {"phone_number": PHONE, "instance_id": iid})
         assert status == 202
-    # Asked of a, the status of b's instance comes from b (a would not answer for a partition
-    # it does not own: it answers 503 then), and the other way round.
+    # Asked of a, b's instance is served by b (a would not answer for a partition it does not
+    # own: it answers 503 then), and the other way round: status, a code (its body travels
+    # along), a terminate.
     for iid, asked in ((iid_b, a), (iid_a, b), (iid_b, b), (iid_a, a)):
-        answer = await poll(http, f"{base(asked)}/verifications/{iid}", started)
-        assert answer["instanceId"] == iid and answer["input"] == MASKED
+        status, answer = await get(http, f"{base(asked)}/verifications/{iid}")
+        assert status == 200 and answer["instanceId"] == iid and answer["input"] == MASKED
+    for iid, asked in ((iid_b, a), (iid_a, b)):
+        status, answer, _ = await post(
+            http, f"{base(asked)}/verifications/{iid}/raiseEvent/SmsChallengeResponse",
+            "0000" if draw_code(TEST_CODE_KEY.encode(), iid, 4) != "0000" else "1111")
+        assert (status, answer["result"], answer["attemptsLeft"]) == (202, "wrong_code", 3)
+        status, answer, _ = await post(
+            http, f"{base(asked)}/verifications/{iid}/terminate?reason=routed", raw=b"")
+        assert (status, answer["result"]) == (202, "terminated")
     assert await owner(a, iid_b) == "b" and await owner(b, iid_a) == "a"

@@ -1,7 +1,8 @@
 """Every rule of the wire contract, end to end through Kafka only, as an outside client sees it.
 
-One worker serves the whole module (short timeout, fast ticks); each test uses its own
-instance ids and phone numbers.
+One worker serves the whole module (short timeout, fast ticks, a short grace for early
+commands); each test uses its own instance ids and phone numbers. Rules that need other
+settings (guess budget, number policy, retention) have their own deployments further down.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from datetime import datetime, timedelta
 
 import pytest
 
+from phoneverify.topics import partition_for
+
 from support import Client, Deployment, Worker, quiesce
 
 TIMEOUT = 4.0
 TICK = 0.2
+GRACE = 3.0
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +29,7 @@ def rules_deployment(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> It
     deployment = Deployment(kafka, tmp_path_factory.mktemp("rules"), settings={
         "VERIFICATION_TIMEOUT_SECONDS": str(TIMEOUT),
         "TICK_INTERVAL_SECONDS": str(TICK),
+        "EARLY_COMMAND_GRACE_SECONDS": str(GRACE),
     })
     worker = Worker(deployment).start()
     yield deployment
@@ -169,13 +174,19 @@ async def test_unparsable_input_goes_to_dead_letters_and_the_worker_goes_on(
     assert outcome["verified"] is True
 
 
-async def test_invalid_phone_number_gets_an_outcome_and_a_dead_letter(client: Client) -> None:
-    iid = await client.start("not a phone")
+@pytest.mark.parametrize("number", ["not a phone", "555-0100", "+1 425"])
+async def test_invalid_phone_number_gets_an_outcome_and_a_dead_letter(
+        client: Client, number: str) -> None:
+    iid = uuid.uuid4().hex
+    reply = await client.ask("verification.start", {"instance_id": iid, "phone_number": number})
+    assert (reply["result"], reply["status"], reply["attempts_left"]) == (
+        "invalid_phone_number", "failed", None)
     [outcome] = await client.outcomes(iid)
     assert (outcome["verified"], outcome["status"], outcome["reason"], outcome["attempts"]) == (
         False, "failed", "invalid_phone_number", 0)
     [letter] = await client.read("verification.dead-letter", lambda r: len(r) >= 1, key=iid)
     assert "phone_number" in letter["error"]
+    assert await client.read_all("verification.sms", key=iid) == []
 
 
 async def test_a_bad_response_never_puts_the_code_in_a_dead_letter(client: Client) -> None:
@@ -233,7 +244,8 @@ async def test_the_code_is_never_written_outside_the_sms_topic(client: Client) -
         return isinstance(value, str) and (value == code or f"is {code}" in value)
 
     for topic in ("verification.events", "verification.outcome", "verification.dead-letter",
-                  "verification.sms-status"):
+                  "verification.sms-status", "verification.replies", "verification.admission",
+                  "verification.admitted"):
         records = await client.read_all(topic, key=iid)
         assert not any(holds_code(r) for r in records), topic
     events = await client.read_all("verification.events", key=iid)
@@ -245,22 +257,176 @@ async def test_the_code_is_never_written_outside_the_sms_topic(client: Client) -
     assert not any(holds_code(json.loads(value)) for value in raw)
 
 
-async def test_terminate_before_the_start_arrives_means_it_never_runs(client: Client) -> None:
-    # A start takes two more hops than a terminate, so a quick terminate may overtake it.
+# ---------------------------------------------------------------- rule 10: early commands
+
+
+async def test_codes_sent_right_after_the_start_are_held_and_applied_in_order(
+        client: Client) -> None:
+    """The walkthrough's case: four wrong codes sent at once after the start overtake it
+    (the start takes more hops); they wait for it and end it, too_many_attempts, no SMS."""
     iid = uuid.uuid4().hex
-    await client.send("verification.terminate", {"instance_id": iid, "reason": "too quick"})
+    await client.start(new_phone(), instance_id=iid)
+    replies = [await client.ask("verification.response", {"instance_id": iid, "code": "9999"
+                                                          if n % 2 else "8888"})
+               for n in range(4)]
+    # Ask waits for each reply in turn, so they are in order; the last ends it.
+    assert [r["result"] for r in replies] == ["wrong_code"] * 3 + ["too_many_attempts"]
+    assert [r["attempts_left"] for r in replies] == [3, 2, 1, 0]
+    [outcome] = await client.outcomes(iid)
+    assert (outcome["reason"], outcome["attempts"]) == ("too_many_attempts", 4)
+
+
+async def test_a_terminate_that_overtakes_its_start_ends_it_without_an_sms(
+        client: Client) -> None:
+    iid = uuid.uuid4().hex
+    terminate = {"instance_id": iid, "reason": "too quick", "request_id": "t-1"}
+    await client.send("verification.terminate", terminate)
+    start = await client.ask("verification.start", {"instance_id": iid,
+                                                     "phone_number": new_phone()})
+    assert (start["result"], start["status"]) == ("started", "terminated")
+    reply = await client.reply(iid, "t-1")
+    assert (reply["result"], reply["status"]) == ("terminated", "terminated")
     [outcome] = await client.outcomes(iid)
     assert (outcome["status"], outcome["reason"], outcome["attempts"]) == (
         "terminated", "terminated", 0)
-    await client.start(new_phone(), instance_id=iid)
     await quiesce(client.d)
     assert await client.read_all("verification.sms", key=iid) == []
-    assert await client.outcomes(iid) == [outcome]
 
 
-async def test_an_answer_for_an_unknown_verification_is_a_dead_letter(client: Client) -> None:
+async def test_a_command_whose_start_never_comes_is_dropped_and_the_id_stays_free(
+        client: Client) -> None:
     iid = uuid.uuid4().hex
-    await client.respond(iid, "1234")
-    [letter] = await client.read("verification.dead-letter", lambda r: len(r) >= 1, key=iid)
-    assert "no verification" in letter["error"]
-    assert "1234" not in letter["value"]
+    reply = await client.ask("verification.response", {"instance_id": iid, "code": "1234"},
+                             timeout=GRACE + 20)
+    assert (reply["result"], reply["status"], reply["attempts_left"], reply["deadline"]) == (
+        "unknown", "unknown", None, None)
+    terminate = await client.ask("verification.terminate", {"instance_id": iid},
+                                 timeout=GRACE + 20)
+    assert terminate["result"] == "unknown"
+    letters = await client.read("verification.dead-letter", lambda r: len(r) >= 2, key=iid)
+    assert all("no verification" in letter["error"] for letter in letters)
+    assert "1234" not in letters[0]["value"]  # the code is never in a dead letter
+    assert await client.read_all("verification.outcome", key=iid) == []
+    # The id is free: a start now runs normally.
+    started = await client.ask("verification.start", {"instance_id": iid,
+                                                       "phone_number": new_phone()})
+    assert started["result"] == "started"
+    code = await client.sms_code(iid)
+    verified = await client.ask("verification.response", {"instance_id": iid, "code": code})
+    assert (verified["result"], verified["status"], verified["attempts_left"]) == (
+        "verified", "verified", 3)
+
+
+# ---------------------------------------------------------------- replies
+
+
+async def test_every_command_gets_one_reply_with_what_happened(client: Client) -> None:
+    phone, iid = new_phone(), uuid.uuid4().hex
+    start = await client.ask("verification.start", {"instance_id": iid, "phone_number": phone})
+    assert (start["result"], start["status"], start["attempts_left"]) == ("started", "pending", 4)
+    deadline = at(start["deadline"])
+    code = await client.sms_code(iid)
+    wrong = await client.ask("verification.response", {"instance_id": iid,
+                                                       "code": other_code(code)})
+    assert (wrong["result"], wrong["status"], wrong["attempts_left"]) == (
+        "wrong_code", "pending", 3)
+    assert at(wrong["deadline"]) == deadline
+    right = await client.ask("verification.response", {"instance_id": iid, "code": code})
+    assert (right["result"], right["status"], right["deadline"]) == ("verified", "verified", None)
+    again = await client.ask("verification.response", {"instance_id": iid, "code": code})
+    assert (again["result"], again["status"]) == ("ended", "verified")
+    ended = await client.ask("verification.terminate", {"instance_id": iid})
+    assert (ended["result"], ended["status"]) == ("ended", "verified")
+    duplicate = await client.ask("verification.start", {"instance_id": iid, "phone_number": phone})
+    assert (duplicate["result"], duplicate["status"]) == ("duplicate", "verified")
+    for reply in (start, wrong, right, again, ended, duplicate):
+        assert reply["instance_id"] == iid
+        assert set(reply) >= {"request_id", "instance_id", "command", "result", "status",
+                              "attempts_left", "deadline"}
+    assert [r["command"] for r in (start, wrong, ended)] == ["start", "response", "terminate"]
+    await quiesce(client.d)
+    assert len(await client.read_all("verification.sms", key=iid)) == 1
+
+
+async def test_terminate_and_expired_replies(client: Client) -> None:
+    iid = await client.start(new_phone())
+    await client.sms_code(iid)
+    terminated = await client.ask("verification.terminate", {"instance_id": iid,
+                                                             "reason": "user left"})
+    assert (terminated["result"], terminated["status"]) == ("terminated", "terminated")
+    late = uuid.uuid4().hex
+    await client.start(new_phone(), instance_id=late)
+    code = await client.sms_code(late)
+    await client.outcomes(late, timeout=TIMEOUT + 20)  # expired
+    reply = await client.ask("verification.response", {"instance_id": late, "code": code})
+    assert (reply["result"], reply["status"]) == ("ended", "failed")
+
+
+async def test_a_rate_limited_start_is_answered_with_when_to_retry(client: Client) -> None:
+    phone = new_phone()
+    for _ in range(5):
+        await client.ask("verification.start", {"instance_id": uuid.uuid4().hex,
+                                                "phone_number": phone})
+    reply = await client.ask("verification.start", {"instance_id": uuid.uuid4().hex,
+                                                    "phone_number": phone})
+    assert (reply["result"], reply["status"]) == ("rate_limited", "failed")
+    assert 0 < reply["retry_after"] <= 600
+
+
+async def test_blocked_numbers_get_an_outcome_and_no_sms(client: Client) -> None:
+    for number in ("+1 900 555 0100", "+1 800 555 0100"):  # premium rate, toll free
+        iid = uuid.uuid4().hex
+        reply = await client.ask("verification.start", {"instance_id": iid,
+                                                        "phone_number": number})
+        assert (reply["result"], reply["status"]) == ("blocked_number", "failed")
+        assert "not served" in reply["detail"]
+        [outcome] = await client.outcomes(iid)
+        assert (outcome["reason"], outcome["attempts"]) == ("blocked_number", 0)
+    await quiesce(client.d)
+    assert await client.read_all("verification.sms", key=iid) == []
+
+
+# ---------------------------------------------------------------- any partitioner
+
+
+async def test_a_record_on_another_partition_is_moved_to_its_own(client: Client) -> None:
+    """A client whose partitioner is not murmur2 writes an answer to the wrong partition: it
+    is moved (keeping its time), then applied; the state stays on one partition."""
+    iid = await client.start(new_phone())
+    code = await client.sms_code(iid)
+    partitions = int(client.d.env()["PARTITIONS"])
+    own = partition_for(iid.encode(), partitions)
+    other = (own + 1) % partitions
+    request_id = uuid.uuid4().hex
+    await client.producer.send_and_wait(
+        client.d.topic("verification.response"),
+        json.dumps({"instance_id": iid, "code": code, "request_id": request_id}).encode(),
+        key=iid.encode(), partition=other)
+    reply = await client.reply(iid, request_id)
+    assert reply["result"] == "verified"
+    moved = await client.read_all("verification.rerouted", key=iid)
+    assert len(moved) == 1
+    changelog = f"{client.d.env()['APP_ID']}-verifications-changelog"
+    assert await _partitions_of(client, changelog, iid) == {own}
+
+
+async def _partitions_of(client: Client, topic: str, key: str) -> set[int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=client.d.bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = int(client.d.env()["PARTITIONS"])
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        found: set[int] = set()
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    if record.key == key.encode():
+                        found.add(tp.partition)
+        return found
+    finally:
+        await consumer.stop()

@@ -895,3 +895,15 @@ def test_commands_held_for_the_start_act_as_if_they_came_after_it(codes, max_att
     same = ("status", "reason", "attempts", "wrong_at", "held")
     assert {f: getattr(via_hold, f) for f in same} == {f: getattr(direct, f) for f in same}
     assert via_hold.sms == ("none" if via_hold.is_final else "requested")
+
+
+def test_a_terminate_or_sms_failure_after_the_deadline_finds_it_expired():
+    state = given(*started())
+    stop = Stop(instance_id=IID, reason="late", at=DEADLINE, request_id="r-late")
+    events = decide(stop, state)
+    assert [e.type for e in events] == ["failed", "answered"]
+    assert events[0].reason == "expired" and events[1].result == "ended"
+    assert reply_of(events[1], fold(state, events)).status == "failed"
+    failure = FailSms(instance_id=IID, command_id=CMD, error="late", at=at(TIMEOUT + 1))
+    [expired] = decide(failure, state)
+    assert (expired.type, expired.reason) == ("failed", "expired")
