@@ -1,23 +1,38 @@
 """The verification actor: folds admitted starts, responses, terminations, ticks and SMS
 statuses into the ``verifications`` table through the pure decider.
 
-Per batch of records (see :mod:`phoneverify.agents.batch` for the order of writes): parse each
-record into a command, ``decide``, fold, and collect what it caused (events, replies, outcomes,
-settlements for the number's budget, dead letters, SMS commands); then publish, write the
-table, and only then send the SMS commands.
+Per batch of records: parse each record into a command, ``decide``, fold, and collect what it
+caused (events, replies, outcomes, settlements for the number's budget, SMS commands, dead
+letters of held commands that waited in vain). Then, in this order:
+
+1. the state: one changelog record per changed verification, and first, in each partition,
+   an *outbox* record listing what the batch is about to publish from that partition, each
+   output tagged with the version its verification has after the batch;
+2. the outputs, and the SMS commands (nobody can answer a code before its verification is
+   durable).
+
+Outputs are only ever those of decisions that are durable. A crash before step 1 completes
+redelivers the batch's records, which are decided again, maybe in another order (records of
+different topics arrive in no fixed order), and nothing of the first attempt was published. A
+crash after it: the redelivered records are recognised (responses and terminates by their
+offset in their original partition, starts by their origin; ticks and SMS statuses change
+nothing twice), and the first batch after a restart or a rebalance publishes the partition's
+last outbox again, the outputs whose verification's durable version shows their decision
+stuck. So copies after a crash are identical, and nothing decided is lost.
 
 Records that a client's partitioner put on another partition than the service's are moved to
-their partition first (``verification.rerouted``), before they touch any state. Every command
-is recognised when it comes again after a crash: responses and terminates by their offset in
-their original partition, starts by their origin; ticks and SMS statuses change nothing twice.
+their partition first (``verification.rerouted``), before they touch any state.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zlib
+from collections import defaultdict
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
 from faust.types import EventT, StreamT
 from pydantic import BaseModel, ValidationError
@@ -71,6 +86,11 @@ from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify")
 DUPLICATES_KEPT = 16
+#: A table key no instance id can be (``#`` is not in their alphabet): a partition's outbox.
+OUTBOX = b"#outbox/"
+#: In an outbox, the topic that stands for "the SMS command for this verification" (the
+#: command carries the plain code, so it is drawn again when sent, never stored).
+SMS_MARK = "#sms"
 
 
 class Stored(BaseModel):
@@ -89,10 +109,26 @@ class Stored(BaseModel):
     seen: dict[str, int] = {}
 
 
+#: One output: topic, record key, value, partition; then the verification it comes from and
+#: the version that verification has once the decision that caused it is durable.
+Output = tuple[str, str, str, int, str, int]
+
 verifications = aggregate_table("verifications")
 due = DueIndex()
-app.on_partitions_assigned.connect(due.forget_all)
-app.on_partitions_revoked.connect(due.forget_all)
+#: Partitions whose last outbox this worker has published again since they were assigned.
+_republished: set[int] = set()
+#: Partitions whose outbox, as last written by this worker, is not empty.
+_outbox_full: set[int] = set()
+
+
+def _reassigned(*args: Any, **kwargs: Any) -> None:
+    due.forget_all()
+    _republished.clear()
+    _outbox_full.clear()
+
+
+app.on_partitions_assigned.connect(_reassigned)
+app.on_partitions_revoked.connect(_reassigned)
 
 inputs = app.topic(names.admitted, names.response, names.terminate, names.tick,
                    names.sms_status, names.rerouted, key_type=bytes, value_type=bytes,
@@ -112,43 +148,89 @@ def current(key: bytes) -> Stored | None:
 @app.agent(inputs, concurrency=1)
 async def actor(stream: StreamT[bytes]) -> None:
     async for records in batches(stream):
-        await Batch().run(records)
+        try:
+            await Batch().run(records)
+        except Exception as error:
+            # Kafka refused a write: stop the worker, so that it starts again from the last
+            # commit (a restarted agent would go on past the records of the failed batch).
+            log.exception("actor: a batch could not be written; stopping the worker")
+            await app.crash(error)
+            raise
 
 
 class Batch:
     """One batch of records: decided in memory, then written in the safe order."""
 
     def __init__(self) -> None:
-        self.outbox = Outbox()
         self.changed: dict[bytes, tuple[int, Stored | None]] = {}
-        self.sms: dict[bytes, int] = {}
-        self.forgotten: list[tuple[bytes, int]] = []
+        self.outputs: dict[int, list[Output]] = defaultdict(list)
+        self.stateless = Outbox()  # dead letters of bad records, forwards: no state involved
+        self.written_outboxes: set[int] = set()
 
     async def run(self, records: Iterable[EventT]) -> None:
         global _inflight
         _inflight = self.changed
         try:
+            records = list(records)
+            for partition in {event.message.partition for event in records} - _republished:
+                self.republish(partition)
             for event in records:
                 try:
                     await self.take(event)
                 except (ValidationError, ValueError) as error:
-                    await dead_letter(self.outbox, event, describe(error))
-            await self.outbox.flush()  # 1. what the batch decided, acknowledged
-            await verifications.write({  # 2. the state, changelog first
-                key: (partition, None if stored is None else stored.model_dump_json().encode())
-                for key, (partition, stored) in self.changed.items()})
-            await sent.write({key: (partition, None) for key, partition in self.forgotten})
+                    await dead_letter(self.stateless, event, describe(error))
+            await verifications.write(self.writes())  # 1. the state, and what it publishes
+            await sent.write({key: (partition, None) for key, (partition, stored)
+                              in self.changed.items() if stored is None})
         finally:
             _inflight = {}
         for key, (partition, stored) in self.changed.items():
             if stored is not None and stored.due is not None:
                 due.schedule(partition, stored.due, key)
-        sms = Outbox()  # 3. the SMS, now that the verification that answers it is durable
-        for key, partition in self.sms.items():
-            stored = self.load(key, partition)
-            if stored is not None:
-                await sms.send(names.sms, key, sms_command(stored.state).to_bytes(),
-                               partition=partition)
+        outbox = self.stateless  # 2. the outputs, the SMS among them
+        for outputs in self.outputs.values():
+            for topic, key, value, target, _iid, _version in outputs:
+                if topic == SMS_MARK:
+                    stored = self.load(key.encode(), target)
+                    if stored is None:
+                        continue
+                    topic, value = names.sms, sms_command(stored.state).model_dump_json()
+                await outbox.send(topic, key.encode(), value.encode(), partition=target)
+        await outbox.flush()
+        _outbox_full.difference_update(self.written_outboxes)
+        _outbox_full.update(p for p, outputs in self.outputs.items() if outputs)
+
+    def writes(self) -> dict[bytes, tuple[int, bytes | None]]:
+        """Each partition's outbox first, then the states (see the module's docstring). An
+        outbox this worker left full is emptied: its outputs went out with its batch."""
+        writes: dict[bytes, tuple[int, bytes | None]] = {}
+        self.written_outboxes = set(self.outputs) | _outbox_full
+        for partition in sorted(self.written_outboxes):
+            outputs = self.outputs.get(partition, [])
+            writes[OUTBOX + str(partition).encode()] = (
+                partition, zlib.compress(json.dumps(outputs).encode(), 1))
+        for key, (partition, stored) in self.changed.items():
+            writes[key] = (partition, None if stored is None
+                           else stored.model_dump_json().encode())
+        return writes
+
+    def republish(self, partition: int) -> None:
+        """The partition's last outbox again: the outputs whose decision is durable."""
+        _republished.add(partition)
+        raw = verifications.read(OUTBOX + str(partition).encode(), partition)
+        if not raw:
+            return
+        outputs = json.loads(zlib.decompress(raw))
+        versions: dict[str, int] = {}
+        for output in outputs:
+            iid = output[4]
+            if iid not in versions:
+                stored = self.load(iid.encode(), partition)
+                versions[iid] = -1 if stored is None else stored.state.version
+            if versions[iid] >= output[5]:
+                self.outputs[partition].append(tuple(output))  # type: ignore[arg-type]
+        log.info("partition %d: published its last outbox again (%d of %d outputs durable)",
+                 partition, len(self.outputs[partition]), len(outputs))
 
     # ------------------------------------------------------------ records -> commands
 
@@ -156,7 +238,7 @@ class Batch:
         message = event.message
         topic, key, partition = message.topic, message.key, message.partition
         if topic == names.tick:
-            await self.tick(partition, Tick.from_bytes(message.value).now)
+            self.tick(partition, Tick.from_bytes(message.value).now)
             return
         if key is None:
             raise ValueError("record key must be the instance_id (UTF-8)")
@@ -167,7 +249,7 @@ class Batch:
         command, origin, sequence = to_command(event)
         if key != command.instance_id.encode():
             raise ValueError("record key must be the instance_id (UTF-8)")
-        await self.apply(key, partition, command, origin, sequence)
+        self.apply(key, partition, command, origin, sequence)
 
     async def forward(self, event: EventT) -> None:
         """Move a record to its instance's partition, with its time and where it came from."""
@@ -176,9 +258,9 @@ class Batch:
         target = partition_for(message.key, settings.partitions)
         log.info("moving %s[%d]@%d to partition %d (the client's partitioner is not "
                  "murmur2)", message.topic, message.partition, message.offset, target)
-        await self.outbox.send(names.rerouted, message.key, message.value, partition=target,
-                               timestamp=message.timestamp,
-                               headers=[("origin", origin_of(event).encode())])
+        await self.stateless.send(names.rerouted, message.key, message.value, partition=target,
+                                  timestamp=message.timestamp,
+                                  headers=[("origin", origin_of(event).encode())])
 
     # ------------------------------------------------------------ state
 
@@ -189,14 +271,10 @@ class Batch:
         return Stored.model_validate_json(raw) if raw is not None else None
 
     def store(self, key: bytes, partition: int, stored: Stored) -> None:
-        state = stored.state
-        if state.is_empty:
-            self.changed[key] = (partition, None)  # nothing left: the instance id is free
-            return
-        self.changed[key] = (partition, stored.model_copy(update={"due": due_at(state)}))
+        self.changed[key] = (partition, stored.model_copy(update={"due": due_at(stored.state)}))
 
-    async def apply(self, key: bytes, partition: int, command: Command, origin: str | None,
-                    sequence: tuple[str, int] | None) -> None:
+    def apply(self, key: bytes, partition: int, command: Command, origin: str | None,
+              sequence: tuple[str, int] | None) -> None:
         stored = self.load(key, partition) or Stored(
             life=origin or "", state=initial_state(command.instance_id))
         if sequence is not None and sequence[1] <= stored.seen.get(sequence[0], -1):
@@ -204,7 +282,7 @@ class Batch:
         changes: dict[str, object] = {}
         if isinstance(command, Start | Reject):
             if origin == stored.start:
-                await self.start_again(key, partition, stored, command)
+                self.start_again(partition, stored, command)
                 return
             if origin in stored.duplicates:
                 return
@@ -213,30 +291,28 @@ class Batch:
             else:
                 changes["duplicates"] = [*stored.duplicates, origin][-DUPLICATES_KEPT:]
                 if isinstance(command, Start):  # admitted: give its reservation back
-                    await self.settle(command.phone_number, origin, ())
+                    self.settle(partition, stored.state, origin or "", command.phone_number, ())
         if sequence is not None:
             changes["seen"] = {**stored.seen, sequence[0]: sequence[1]}
         events = decide(command, stored.state)
         if not events and not changes:
             return
-        state = await self.publish(key, partition, stored, events)
+        state = self.publish(key, partition, stored, events)
         self.store(key, partition, stored.model_copy(update={**changes, "state": state}))
 
-    async def start_again(self, key: bytes, partition: int, stored: Stored,
-                          command: Start | Reject) -> None:
-        """A start seen before: repeat what its first pass may not have finished, and give
-        back attempts admission reserved again for it."""
+    def start_again(self, partition: int, stored: Stored, command: Start | Reject) -> None:
+        """A start seen before: give back attempts admission reserved for it once more."""
         state = stored.state
-        if state.sms == "requested":
-            self.sms[key] = partition  # the first SMS command may have died with the worker
         if isinstance(command, Start) and not state.max_attempts:
             # Refused the first time, admitted now (admission saw it again after its window
             # moved): this verdict's reservation is not used by anything.
-            await self.settle(command.phone_number, stored.start or "", ())
+            self.settle(partition, state, stored.start or "", command.phone_number, ())
         elif state.is_final and state.max_attempts and stored.start:
-            await self.settle(state.phone_number or "", stored.start, tuple(state.wrong_at))
+            # Admission may have reserved again for a start it saw twice: settle once more.
+            self.settle(partition, state, stored.start, state.phone_number or "",
+                        state.wrong_at)
 
-    async def tick(self, partition: int, now: datetime) -> None:
+    def tick(self, partition: int, now: datetime) -> None:
         """Expire what is due on this partition; costs time in the number due, not kept."""
         if not due.ready(partition):
             due.build(partition, _due_entries(partition))
@@ -246,59 +322,69 @@ class Batch:
                 continue
             if stored.due > now.timestamp():
                 due.schedule(partition, stored.due, key)  # its due time moved
-            elif stored.state.is_final:
+            elif stored.state.is_final or stored.state.is_empty:
                 self.changed[key] = (partition, None)  # retention is over: forget it
-                self.forgotten.append((key, partition))
             else:
                 command = Expire(instance_id=stored.state.instance_id, at=now)
-                state = await self.publish(key, partition, stored,
-                                           decide(command, stored.state))
+                state = self.publish(key, partition, stored, decide(command, stored.state))
                 self.store(key, partition, stored.model_copy(update={"state": state}))
 
     # ------------------------------------------------------------ outputs
 
-    async def publish(self, key: bytes, partition: int, stored: Stored,
-                      events: list[Event]) -> Verification:
-        """Send what ``events`` cause, in order; returns the state after them."""
+    def output(self, partition: int, topic: str, value: str, state: Verification,
+               key: str | None = None, target: int | None = None) -> None:
+        """Publish ``value`` after the batch's state is durable: keyed by the verification's
+        id, in its partition, unless ``key`` and ``target`` say otherwise."""
+        iid = state.instance_id
+        self.outputs[partition].append((topic, key or iid, value,
+                                        partition if target is None else target, iid,
+                                        state.version))
+
+    def publish(self, key: bytes, partition: int, stored: Stored,
+                events: list[Event]) -> Verification:
+        """Collect what ``events`` cause, in order; returns the state after them."""
         state = stored.state
         for event in events:
             before, state = state, evolve(state, event)
-            record = event.model_dump_json().encode()
-            header = json.dumps({"seq": state.version, "life": stored.life})[:-1].encode()
-            await self.outbox.send(names.events, key, header + b"," + record[1:],
-                                   partition=partition)
+            record = event.model_dump_json()
+            header = json.dumps({"seq": state.version, "life": stored.life})[:-1]
+            self.output(partition, names.events, header + "," + record[1:], state)
             if isinstance(event, Answered):
-                await self.outbox.send(names.replies, key, reply_of(event, state).to_bytes(),
-                                       partition=partition)
+                self.output(partition, names.replies, reply_of(event, state).model_dump_json(),
+                            state)
             elif isinstance(event, SmsRequested):
-                self.sms[key] = partition
+                self.output(partition, SMS_MARK, "", state)
             elif isinstance(event, Dropped):
-                await self.drop(key, before, event)
+                self.drop(partition, before, event, state)
             elif isinstance(event, TERMINAL):
                 outcome = outcome_of(state)
-                await self.outbox.send(names.outcome, key, outcome.to_bytes(),
-                                       partition=partition)
+                self.output(partition, names.outcome, outcome.model_dump_json(), state)
                 took = (outcome.completed_at - outcome.created_at).total_seconds()
                 log.info("verification %s: %s (%s, %d attempts, %.1f s)", state.instance_id,
                          outcome.status, outcome.reason, outcome.attempts, took)
                 if state.max_attempts and stored.start:  # admitted: settle its reservation
-                    await self.settle(state.phone_number or "", stored.start,
-                                      tuple(state.wrong_at))
+                    self.settle(partition, state, stored.start, state.phone_number or "",
+                                state.wrong_at)
         return state
 
-    async def settle(self, phone: str, origin: str, wrong_codes: tuple[datetime, ...]) -> None:
+    def settle(self, partition: int, state: Verification, origin: str, phone: str,
+               wrong_codes: tuple[datetime, ...]) -> None:
+        """Tell the number's admission what the start ``origin`` spent; idempotent there."""
         settle = Settle(phone_number=phone, origin=origin, wrong_codes=wrong_codes)
-        await self.outbox.send(names.admission, phone.encode(), settle.to_bytes())
+        self.output(partition, names.admission, settle.model_dump_json(), state, key=phone,
+                    target=partition_for(phone.encode(), settings.partitions))
 
-    async def drop(self, key: bytes, state: Verification, dropped: Dropped) -> None:
+    def drop(self, partition: int, state: Verification, dropped: Dropped,
+             after: Verification) -> None:
         """A held command whose start never came: its record goes to the dead letters."""
         held = next(h for h in state.held if h.origin == dropped.origin)
-        topic, partition, offset = dropped.origin.rsplit(":", 2)
+        topic, source, offset = dropped.origin.rsplit(":", 2)
         grace = settings.early_command_grace_seconds
-        dead = letter(topic, int(partition), int(offset), key, held.raw.encode(),
+        dead = letter(topic, int(source), int(offset), held.instance_id.encode(),
+                      held.raw.encode(),
                       f"no verification {held.instance_id} started within {grace:g} s of "
                       f"this {'response' if isinstance(held, Answer) else 'terminate'}")
-        await self.outbox.send(names.dead_letter, key, dead.to_bytes())
+        self.output(partition, names.dead_letter, dead.model_dump_json(), after)
 
 
 def to_command(event: EventT) -> tuple[Command, str | None, tuple[str, int] | None]:
@@ -373,6 +459,8 @@ def sms_command(state: Verification) -> SendSms:
 
 def due_at(state: Verification) -> float | None:
     """When a tick must next look at this verification (epoch seconds), if ever."""
+    if state.is_empty:  # its held commands were dropped: forget it at the next tick
+        return state.updated_at.timestamp() if state.updated_at else 0.0
     if state.status == "pending" and state.deadline is not None:
         return state.deadline.timestamp()
     if state.is_final and state.updated_at is not None:
@@ -387,6 +475,8 @@ def _due_entries(partition: int) -> list[tuple[float, bytes]]:
     """Every aggregate of the partition that will be due (one scan, after a rebalance)."""
     entries = []
     for key, raw in verifications.items_in(partition):
+        if key.startswith(OUTBOX):
+            continue
         when = from_json(raw).get("due")
         if when is not None:
             entries.append((float(when), key))

@@ -1,19 +1,15 @@
 """Group commit: agents take records in batches, and write what a batch causes in one go.
 
-Per batch, an agent decides every record in memory, then writes:
-
-1. its outputs (events, outcomes, replies, verdicts, dead letters) through an :class:`Outbox`,
-   and awaits their acknowledgements once for the whole batch;
-2. its tables through :meth:`AggregateTable.write`: one changelog record per changed key (the
-   last value), acknowledged by Kafka *before* the local RocksDB store is written;
-3. then anything that must not happen before the state is durable (the SMS commands).
+Per batch, an agent decides every record in memory, then writes its tables through
+:meth:`AggregateTable.write` (one changelog record per changed key, the last value,
+acknowledged by Kafka *before* the local RocksDB store is written) and its outputs through an
+:class:`Outbox` (acknowledged once for the whole batch). Which comes first is the agent's
+choice: see the actor and admission for why each chose its order.
 
 The batch's input records are acknowledged to Faust after that, and Faust commits their
-offsets only after flushing the producer. So a crash at any point either repeats a batch
-(its outputs again, identical: time comes from records) or finds its state already written
-(the agents recognise the redelivered records and repeat only what may be missing). The local
-store never holds a write that Kafka lacks, which is what lets a restarted worker trust its
-store and replay only the changelog's tail.
+offsets only after flushing the producer: a crash redelivers every record whose batch did not
+finish. The local store never holds a write that Kafka lacks, which is what lets a restarted
+worker trust its store and replay only the changelog's tail.
 """
 
 from __future__ import annotations
@@ -84,7 +80,10 @@ class AggregateTable(faust.Table):
                 yield key, value
 
     async def write(self, changes: Mapping[bytes, tuple[int, bytes | None]]) -> None:
-        """Set (or, with ``None``, delete) each key in its partition: changelog, then store."""
+        """Set (or, with ``None``, delete) each key in its partition: changelog, then store.
+
+        Records are sent in the mapping's order, and Kafka keeps a partition's records in the
+        order they were sent: if one is durable, so is every record sent before it there."""
         if not changes:
             return
         topic = self.changelog_topic.get_topic_name()

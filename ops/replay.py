@@ -107,6 +107,8 @@ async def live_table(settings: Settings, changelog: str,
     table: dict[str, tuple[str, Verification]] = {}
     async for key, value in read_all(settings, changelog):
         iid = (key or b"").decode()
+        if iid.startswith("#"):  # not a verification: a partition's outbox
+            continue
         if value is None:
             table.pop(iid, None)
         else:
