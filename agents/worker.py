@@ -8,11 +8,13 @@ import sys
 
 
 def run_worker(argv: list[str] | None = None) -> None:
+    from phoneverify.ops.logs import quiet_harmless_startup_errors
     from phoneverify.settings import Settings
     from phoneverify.topics import ensure_topics
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level)
+    quiet_harmless_startup_errors()
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     created = asyncio.run(ensure_topics(settings))
     if created:
