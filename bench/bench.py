@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,7 +44,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from phoneverify.agents.deadlines import Deadlines
+from phoneverify.agents.deadlines import DueIndex
 from phoneverify.models.verification import (
     Expire,
     Start,
@@ -59,9 +60,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DIGITS = re.compile(r"\d+")
 CLIENT_TOPICS = ("verification.start", "verification.response", "verification.terminate")
 #: What the worker's agents subscribe to (each record there is consumed once by the worker).
-CONSUMED_TOPICS = ("verification.start", "verification.start-by-phone", "verification.admitted",
-                   "verification.response", "verification.terminate", "verification.sms",
-                   "verification.sms-status")
+CONSUMED_TOPICS = ("verification.start", "verification.admission", "verification.admitted",
+                   "verification.response", "verification.terminate", "verification.rerouted",
+                   "verification.sms", "verification.sms-status")
 TICK_TOPIC = "verification.tick"
 
 
@@ -233,8 +234,10 @@ class Run:
 
     expected: set[str]
     started: dict[str, float] = field(default_factory=dict)
+    start_replied: dict[str, float] = field(default_factory=dict)
     sms: dict[str, float] = field(default_factory=dict)
     responded: dict[str, float] = field(default_factory=dict)
+    response_replied: dict[str, float] = field(default_factory=dict)
     finished: dict[str, float] = field(default_factory=dict)
     verified: int = 0
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -253,26 +256,33 @@ class Client:
                           deployment.partitions)
         self.outcomes = reader(deployment.bootstrap, deployment.topic("verification.outcome"),
                                deployment.partitions)
+        self.replies = reader(deployment.bootstrap, deployment.topic("verification.replies"),
+                              deployment.partitions)
         self.run: Run | None = None
+        self.crc32 = False  # partition as librdkafka does by default
         self.sends: list[asyncio.Future[Any]] = []
         self.tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Client:
-        for part in (self.producer, self.sms, self.outcomes):
+        for part in (self.producer, self.sms, self.outcomes, self.replies):
             await part.start()
-        self.tasks = [asyncio.create_task(self._answer()), asyncio.create_task(self._collect())]
+        self.tasks = [asyncio.create_task(self._answer()), asyncio.create_task(self._collect()),
+                      asyncio.create_task(self._replies())]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for part in (self.producer, self.sms, self.outcomes):
+        for part in (self.producer, self.sms, self.outcomes, self.replies):
             await part.stop()
 
     async def _send(self, topic: str, instance_id: str, value: dict[str, str]) -> None:
+        key = instance_id.encode()
+        # As librdkafka's default partitioner (confluent-kafka, kcat) would: CRC32, not murmur2.
+        partition = zlib.crc32(key) % self.d.partitions if self.crc32 else None
         future = await self.producer.send(self.d.topic(topic), json.dumps(value).encode(),
-                                          key=instance_id.encode())
+                                          key=key, partition=partition)
         self.sends.append(future)
 
     async def _answer(self) -> None:
@@ -290,7 +300,24 @@ class Client:
                     now = time.perf_counter()
                     self.run.sms[iid] = self.run.responded[iid] = now
                     await self._send("verification.response", iid,
-                                     {"instance_id": iid, "code": code.group()})
+                                     {"instance_id": iid, "code": code.group(),
+                                      "request_id": f"r-{iid}"})
+
+    async def _replies(self) -> None:
+        """When each command's reply arrived (the service answers every request_id)."""
+        while True:
+            batches = await self.replies.getmany(timeout_ms=100)
+            now = time.perf_counter()
+            for records in batches.values():
+                for record in records:
+                    reply = json.loads(record.value)
+                    run, iid = self.run, reply["instance_id"]
+                    if run is None or iid not in run.expected:
+                        continue
+                    if reply["command"] == "start":
+                        run.start_replied.setdefault(iid, now)
+                    else:
+                        run.response_replied.setdefault(iid, now)
 
     async def _collect(self) -> None:
         while True:
@@ -318,7 +345,8 @@ class Client:
                 await asyncio.sleep(max(0.0, began + i / rate - time.perf_counter()))
             run.started[iid] = time.perf_counter()
             await self._send("verification.start", iid,
-                             {"instance_id": iid, "phone_number": phone_number(i)})
+                             {"instance_id": iid, "phone_number": phone_number(i),
+                              "request_id": f"s-{iid}"})
         await self._until_done(run, timeout)
         await asyncio.gather(*self.sends)  # surfaces any failed send
         self.sends.clear()
@@ -391,21 +419,32 @@ async def throughput(client: Client, worker: Worker, count: int) -> Throughput:
 class Latency:
     count: int
     rate: float
+    crc32: bool
     response_ms: list[float]
     start_to_sms_ms: list[float]
+    start_reply_ms: list[float]
+    response_reply_ms: list[float]
     verified: int
     achieved: float  # verifications / s, first start to last outcome
     worker_cpu: float  # seconds of CPU the worker process used meanwhile
 
 
-async def latency(client: Client, worker: Worker, count: int, rate: float) -> Latency:
-    """Phase 2: ``count`` starts paced at ``rate`` per second."""
+async def latency(client: Client, worker: Worker, count: int, rate: float,
+                  crc32: bool = False) -> Latency:
+    """Phase 2: ``count`` starts paced at ``rate`` per second (partitioned by CRC32 instead of
+    murmur2 with ``crc32``: most records land on another partition, and are moved)."""
     cpu = cpu_seconds(worker.pid)
-    run = await client.drive(count, rate=rate, timeout=120 + count / rate)
+    client.crc32 = crc32
+    try:
+        run = await client.drive(count, rate=rate, timeout=120 + count / rate)
+    finally:
+        client.crc32 = False
     seconds = max(run.finished.values()) - min(run.started.values())
-    return Latency(count, rate, run.latencies_ms(run.responded, run.finished),
-                   run.latencies_ms(run.started, run.sms), run.verified, count / seconds,
-                   cpu_seconds(worker.pid) - cpu)
+    return Latency(count, rate, crc32, run.latencies_ms(run.responded, run.finished),
+                   run.latencies_ms(run.started, run.sms),
+                   run.latencies_ms(run.started, run.start_replied),
+                   run.latencies_ms(run.responded, run.response_replied), run.verified,
+                   count / seconds, cpu_seconds(worker.pid) - cpu)
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -510,7 +549,7 @@ class TickTimes:
     ticks: int = 0
     wall: float = 0.0
     cpu: float = 0.0
-    due_wall: float = 0.0  # of which in ``Deadlines.due``
+    due_wall: float = 0.0  # of which in ``DueIndex.pop_due``
 
     def mean_ms(self, total: float) -> float:
         return total / self.ticks * 1000
@@ -528,9 +567,9 @@ class TickBench:
         for i in range(pending):
             key = f"p{i:07d}".encode()
             self.table[key] = far
-            entries.append((far.deadline + timedelta(microseconds=i), key))
-        self.deadlines = Deadlines()
-        self.deadlines.rebuild(((0, deadline, key) for deadline, key in entries), 1)
+            entries.append((far.deadline.timestamp() + i / 1e6, key))
+        self.deadlines = DueIndex()
+        self.deadlines.build(0, entries)
         self.pending, self.due = pending, due
         self.fresh = {f"d{j:04d}".encode(): pending_state(f"d{j:04d}", self.now
                                                             - timedelta(seconds=91), 90)
@@ -540,16 +579,17 @@ class TickBench:
     def tick(self) -> None:
         for key, state in self.fresh.items():  # untimed: K verifications come due again
             self.table[key] = state
-            self.deadlines.add(0, state.deadline, key)
+            assert state.deadline is not None
+            self.deadlines.schedule(0, state.deadline.timestamp(), key)
         wall, cpu = time.perf_counter(), time.thread_time()
-        keys = self.deadlines.due(0, self.now)
+        keys = self.deadlines.pop_due(0, self.now.timestamp())
         popped = time.perf_counter()
         expired = expire(keys, self.table, self.now)
         self.times.wall += time.perf_counter() - wall
         self.times.cpu += time.thread_time() - cpu
         self.times.due_wall += popped - wall
         self.times.ticks += 1
-        assert expired == self.due and self.deadlines.pending(0) == self.pending
+        assert expired == self.due and self.deadlines.size(0) == self.pending
 
 
 def tick_times(sizes: list[int], due: int, ticks: int) -> dict[int, TickTimes]:
@@ -635,13 +675,20 @@ def latency_rows(lat: Latency) -> list[str]:
     return [
         LINE,
         f"2. latency at an offered {lat.rate:.0f} starts/s ({lat.count} verifications, "
-        f"{lat.verified} verified)",
+        f"{lat.verified} verified)" + (", client partitioning by CRC32 (librdkafka's default)"
+                                        if lat.crc32 else ""),
         row("response produced -> outcome received, p50 / p99",
             f"{percentile(ms, 50):.1f} / {percentile(ms, 99):.1f} ms"),
         row("  mean / max", f"{statistics.fmean(ms):.1f} / {max(ms):.1f} ms"),
         row("start produced -> SMS received, p50 / p99",
             f"{percentile(lat.start_to_sms_ms, 50):.1f} / "
             f"{percentile(lat.start_to_sms_ms, 99):.1f} ms"),
+        row("start produced -> its reply received, p50 / p99",
+            f"{percentile(lat.start_reply_ms, 50):.1f} / "
+            f"{percentile(lat.start_reply_ms, 99):.1f} ms"),
+        row("response produced -> its reply received, p50 / p99",
+            f"{percentile(lat.response_reply_ms, 50):.1f} / "
+            f"{percentile(lat.response_reply_ms, 99):.1f} ms"),
         row("completed / s (below the offered rate: queueing counts)", f"{lat.achieved:,.0f}"),
         row("worker CPU per verification", f"{lat.worker_cpu / lat.count * 1000:.2f} ms"),
     ]
@@ -724,6 +771,9 @@ async def measure_service(args: argparse.Namespace, d: Deployment,
         for rate in args.rate:
             say(f"2. latency: {args.latency_n} verifications at {rate:g}/s")
             lats.append(await latency(client, worker, args.latency_n, rate))
+        if args.crc32_rate:
+            say(f"2. latency: {args.latency_n} verifications at {args.crc32_rate:g}/s, CRC32")
+            lats.append(await latency(client, worker, args.latency_n, args.crc32_rate, True))
     say(f"3. raw aiokafka loop: {args.raw_n} records")
     raw = await raw_loop(d, args.raw_n, args.raw_bytes)
     return tp, lats, raw
@@ -762,6 +812,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=rates, default=[200.0],
                         help="offered starts/s for latency (comma-separated for several)")
     parser.add_argument("--latency-n", type=int, default=600, help="verifications for latency")
+    parser.add_argument("--crc32-rate", type=float, default=50.0,
+                        help="offered starts/s for the latency of a CRC32-partitioning client "
+                             "(0: skip)")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--raw-n", type=int, default=50_000, help="records for the raw loop")
     parser.add_argument("--raw-bytes", type=int, default=200, help="raw record value size")
