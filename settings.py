@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     # ------------------------------------------------------------ additions
     api_keys: str = Field("", description="more accepted API keys, comma-separated (rotation)")
     http_max_body_bytes: int = Field(4096, ge=64, description="largest HTTP request body")
-    replication_factor: int = Field(1, ge=1, description="for the topics a worker creates")
+    replication_factor: int | None = Field(
+        None, ge=1, description="for the topics a worker creates (default: brokers, at most 3)")
     web_host: str = Field("127.0.0.1", description="the address the HTTP server binds")
     web_advertised_host: str | None = Field(
         None, description="how other workers reach this one (default WEB_HOST)")

@@ -88,20 +88,48 @@ class Names:
         return [self.prefix + name for name in ALL]
 
 
-async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
-    """Create every topic with its partition count and configuration, and bring the
-    configuration of existing ones in line; returns the topics that were new."""
+TABLES = ("verifications", "numbers", "sms-sent")
+
+
+def changelog(settings: Settings, table: str) -> str:
+    """The changelog topic Faust keeps for ``table``."""
+    return f"{settings.app_id}-{table}-changelog"
+
+
+async def replication_factor(settings: Settings, admin: AIOKafkaAdminClient) -> int:
+    """REPLICATION_FACTOR, or by default as many replicas as brokers, at most 3."""
+    if settings.replication_factor is not None:
+        return settings.replication_factor
+    cluster = await admin.describe_cluster()
+    return max(1, min(3, len(cluster["brokers"])))
+
+
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> tuple[list[str], int]:
+    """Create every topic (the tables' changelogs too) with its partition count, replication
+    and configuration, and bring the configuration of existing ones in line; returns the
+    topics that were new and the replication factor used."""
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
-        wanted_configs = configs(settings)
+        replicas = await replication_factor(settings, admin)
+        # With replicas, a write is acknowledged once all in-sync replicas have it (acks=all),
+        # and refused when fewer than all but one are in sync: one broker may be lost.
+        durable = {"min.insync.replicas": str(replicas - 1)} if replicas > 1 else {}
+        wanted_configs = {name: {**durable, **config}
+                          for name, config in configs(settings).items()}
+        compacted = {**durable, "cleanup.policy": "compact"}
         existing = set(await admin.list_topics())
         wanted = [
-            NewTopic(settings.topic_prefix + name, settings.partitions,
-                     settings.replication_factor, topic_configs=wanted_configs.get(name, {}))
+            NewTopic(settings.topic_prefix + name, settings.partitions, replicas,
+                     topic_configs=wanted_configs.get(name, durable))
             for name in ALL
             if settings.topic_prefix + name not in existing
+        ] + [
+            NewTopic(changelog(settings, table), settings.partitions, replicas,
+                     topic_configs=compacted)
+            for table in TABLES
+            if changelog(settings, table) not in existing
         ]
         if wanted:
             response = await admin.create_topics(wanted, timeout_ms=int(timeout * 1000))
@@ -110,7 +138,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> list[str]:
                     raise RuntimeError(f"creating topic {name} failed with Kafka error {code}")
         await _align_configs(admin, settings, existing, wanted_configs)
         await _wait_for_metadata(admin, [t.name for t in wanted], timeout)
-        return [t.name for t in wanted]
+        return [t.name for t in wanted], replicas
     finally:
         await admin.close()
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable
@@ -82,6 +83,7 @@ from phoneverify.models.verification import (
     outcome_of,
     reply_of,
 )
+from phoneverify.ops import metrics
 from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify")
@@ -119,12 +121,16 @@ due = DueIndex()
 _republished: set[int] = set()
 #: Partitions whose outbox, as last written by this worker, is not empty.
 _outbox_full: set[int] = set()
+#: Pending verifications per partition (counted when a partition's due index is built).
+_pending: dict[int, int] = {}
 
 
 def _reassigned(*args: Any, **kwargs: Any) -> None:
     due.forget_all()
     _republished.clear()
     _outbox_full.clear()
+    _pending.clear()
+    metrics.pending.set(0)
 
 
 app.on_partitions_assigned.connect(_reassigned)
@@ -166,6 +172,8 @@ class Batch:
         self.outputs: dict[int, list[Output]] = defaultdict(list)
         self.stateless = Outbox()  # dead letters of bad records, forwards: no state involved
         self.written_outboxes: set[int] = set()
+        #: For the metrics, once published: (kind, label, record time of the command).
+        self.published: list[tuple[str, str, float | None]] = []
 
     async def run(self, records: Iterable[EventT]) -> None:
         global _inflight
@@ -199,6 +207,21 @@ class Batch:
         await outbox.flush()
         _outbox_full.difference_update(self.written_outboxes)
         _outbox_full.update(p for p, outputs in self.outputs.items() if outputs)
+        self.count()
+
+    def count(self) -> None:
+        """The metrics of what this batch published (now acknowledged by Kafka)."""
+        now = time.time()
+        for kind, label, since in self.published:
+            if kind == "outcome":
+                metrics.outcomes.labels(label).inc()
+                if since is not None:
+                    metrics.response_to_outcome.observe(max(0.0, now - since))
+            elif kind == "reply":
+                metrics.replies.labels(label).inc()
+            else:  # the latency of a reply to a command
+                metrics.reply_latency.labels(label).observe(max(0.0, now - (since or now)))
+        metrics.pending.set(sum(_pending.values()))
 
     def writes(self) -> dict[bytes, tuple[int, bytes | None]]:
         """Each partition's outbox first, then the states (see the module's docstring). An
@@ -255,6 +278,7 @@ class Batch:
         """Move a record to its instance's partition, with its time and where it came from."""
         message = event.message
         assert message.key is not None
+        metrics.misrouted.labels(message.topic.removeprefix(names.prefix)).inc()
         target = partition_for(message.key, settings.partitions)
         log.info("moving %s[%d]@%d to partition %d (the client's partitioner is not "
                  "murmur2)", message.topic, message.partition, message.offset, target)
@@ -271,6 +295,11 @@ class Batch:
         return Stored.model_validate_json(raw) if raw is not None else None
 
     def store(self, key: bytes, partition: int, stored: Stored) -> None:
+        before = self.load(key, partition)
+        was = before is not None and before.state.status == "pending"
+        now = stored.state.status == "pending"
+        if was != now and partition in _pending:
+            _pending[partition] += 1 if now else -1
         self.changed[key] = (partition, stored.model_copy(update={"due": due_at(stored.state)}))
 
     def apply(self, key: bytes, partition: int, command: Command, origin: str | None,
@@ -297,7 +326,7 @@ class Batch:
         events = decide(command, stored.state)
         if not events and not changes:
             return
-        state = self.publish(key, partition, stored, events)
+        state = self.publish(key, partition, stored, events, command)
         self.store(key, partition, stored.model_copy(update={**changes, "state": state}))
 
     def start_again(self, partition: int, stored: Stored, command: Start | Reject) -> None:
@@ -326,7 +355,8 @@ class Batch:
                 self.changed[key] = (partition, None)  # retention is over: forget it
             else:
                 command = Expire(instance_id=stored.state.instance_id, at=now)
-                state = self.publish(key, partition, stored, decide(command, stored.state))
+                state = self.publish(key, partition, stored, decide(command, stored.state),
+                                     command)
                 self.store(key, partition, stored.model_copy(update={"state": state}))
 
     # ------------------------------------------------------------ outputs
@@ -340,9 +370,10 @@ class Batch:
                                         partition if target is None else target, iid,
                                         state.version))
 
-    def publish(self, key: bytes, partition: int, stored: Stored,
-                events: list[Event]) -> Verification:
-        """Collect what ``events`` cause, in order; returns the state after them."""
+    def publish(self, key: bytes, partition: int, stored: Stored, events: list[Event],
+                cause: Command) -> Verification:
+        """Collect what ``events`` (decided on ``cause``) cause, in order; returns the state
+        after them."""
         state = stored.state
         for event in events:
             before, state = state, evolve(state, event)
@@ -352,6 +383,9 @@ class Batch:
             if isinstance(event, Answered):
                 self.output(partition, names.replies, reply_of(event, state).model_dump_json(),
                             state)
+                self.published.append(("reply", event.result, None))
+                if event.result != "unknown":  # an unknown one waited out its grace
+                    self.published.append(("latency", event.command, event.at.timestamp()))
             elif isinstance(event, SmsRequested):
                 self.output(partition, SMS_MARK, "", state)
             elif isinstance(event, Dropped):
@@ -359,6 +393,8 @@ class Batch:
             elif isinstance(event, TERMINAL):
                 outcome = outcome_of(state)
                 self.output(partition, names.outcome, outcome.model_dump_json(), state)
+                self.published.append(("outcome", outcome.reason, event.at.timestamp()
+                                       if isinstance(cause, Answer) else None))
                 took = (outcome.completed_at - outcome.created_at).total_seconds()
                 log.info("verification %s: %s (%s, %d attempts, %.1f s)", state.instance_id,
                          outcome.status, outcome.reason, outcome.attempts, took)
@@ -473,12 +509,15 @@ def due_at(state: Verification) -> float | None:
 
 def _due_entries(partition: int) -> list[tuple[float, bytes]]:
     """Every aggregate of the partition that will be due (one scan, after a rebalance)."""
-    entries = []
+    entries, pending = [], 0
     for key, raw in verifications.items_in(partition):
         if key.startswith(OUTBOX):
             continue
-        when = from_json(raw).get("due")
+        stored = from_json(raw)
+        when = stored.get("due")
         if when is not None:
             entries.append((float(when), key))
+        pending += stored["state"]["status"] == "pending"
+    _pending[partition] = pending
     return entries
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from phoneverify.agents.app import names
 from phoneverify.agents.batch import Outbox
 from phoneverify.models.messages import DeadLetter, explain
+from phoneverify.ops import metrics
 
 log = logging.getLogger("phoneverify")
 
@@ -56,6 +57,7 @@ def letter(topic: str, partition: int, offset: int, key: bytes | None, value: by
     """A dead letter for a record (its value redacted), logged as it is made."""
     dead = DeadLetter.of(topic, partition, offset, key, redact(topic, value), error)
     log.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, dead.error)
+    metrics.dead_letters.labels(topic.removeprefix(names.prefix)).inc()
     return dead
 
 

@@ -9,6 +9,7 @@ concurrently. The actor deletes an entry when it forgets the verification.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from faust.types import StreamT
 from pydantic import ValidationError
@@ -17,7 +18,8 @@ from phoneverify.agents.app import app, names, settings, sms_topic
 from phoneverify.agents.batch import Outbox, aggregate_table, batches
 from phoneverify.agents.records import dead_letter, describe, log
 from phoneverify.models.messages import SendSms, SmsFailed, SmsSent
-from phoneverify.sms import backend_from, send_with_retry
+from phoneverify.ops import metrics
+from phoneverify.sms import Delivery, backend_from, send_with_retry
 
 sent = aggregate_table("sms-sent")
 backend = backend_from(settings)
@@ -40,11 +42,10 @@ async def sender(stream: StreamT[bytes]) -> None:
                 await outbox.send(names.sms_status, key, recorded, partition=partition)
                 continue
             commands[command.command_id] = (command, partition)
-        deliveries = await asyncio.gather(*(
-            send_with_retry(backend, c.to, c.body, instance_id=c.instance_id)
-            for c, _ in commands.values()))
+        deliveries = await asyncio.gather(*(timed(c) for c, _ in commands.values()))
         written: dict[bytes, tuple[int, bytes | None]] = {}
         for (command, partition), delivery in zip(commands.values(), deliveries, strict=True):
+            metrics.sms.labels("sent" if delivery.ok else "failed").inc()
             if delivery.ok:
                 status: SmsSent | SmsFailed = SmsSent(
                     command_id=command.command_id, instance_id=command.instance_id,
@@ -59,6 +60,15 @@ async def sender(stream: StreamT[bytes]) -> None:
             written[key] = (partition, status.to_bytes())
         await outbox.flush()
         await sent.write(written)
+
+
+async def timed(command: SendSms) -> Delivery:
+    began = time.perf_counter()
+    try:
+        return await send_with_retry(backend, command.to, command.body,
+                                     instance_id=command.instance_id)
+    finally:
+        metrics.sms_send.observe(time.perf_counter() - began)
 
 
 def _status_of(raw: bytes) -> SmsSent | SmsFailed:

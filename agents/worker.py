@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 
 
@@ -16,9 +17,11 @@ def run_worker(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level)
     quiet_harmless_startup_errors()
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
-    created = asyncio.run(ensure_topics(settings))
+    created, replicas = asyncio.run(ensure_topics(settings))
     if created:
-        print(f"created topics: {', '.join(created)}", flush=True)
+        print(f"created topics ({replicas} replica{'s' if replicas > 1 else ''} each): "
+              f"{', '.join(created)}", flush=True)
+    os.environ["REPLICATION_FACTOR"] = str(replicas)  # for Faust's own topics
     from phoneverify.agents.app import (
         app,  # imported after the topics exist: Faust subscribes on start
     )

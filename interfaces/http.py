@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -43,6 +44,7 @@ from phoneverify.interfaces.client import (
 from phoneverify.models.messages import INSTANCE_ID, Reply, iso
 from phoneverify.models.phone import mask
 from phoneverify.models.verification import Verification
+from phoneverify.ops import metrics
 
 log = logging.getLogger("phoneverify.http")
 
@@ -313,9 +315,67 @@ async def _owned(request: web.Request, instance_id: str, serve: Any) -> web.Resp
                              "retry") from None
 
 
+# ---------------------------------------------------------------- for operators and people
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+class Health(web.View):
+    """``GET /healthz``: 200 while the worker runs (no key needed)."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return self.json({"status": "ok"})
+
+
+class Ready(web.View):
+    """``GET /readyz``: 200 once partitions are assigned and tables recovered, else 503."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        why = not_ready()
+        if why:
+            return self.json({"status": "not ready", "reason": why}, status=503)
+        return self.json({"status": "ready"})
+
+
+def not_ready() -> str:
+    """Why the worker cannot serve its partitions yet, or ``""``."""
+    if not app.consumer_generation_id:
+        return "waiting to join the consumer group"
+    if app.rebalancing:
+        return "partitions are being assigned"
+    if getattr(app, "in_recovery", False) or not app.tables.recovery.completed.is_set():
+        return "tables are being recovered from their changelogs"
+    return ""
+
+
+class Metrics(web.View):
+    """``GET /metrics``: Prometheus text format (no key needed)."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        body, content_type = metrics.exposition()
+        return aioweb.Response(body=body, headers={"Content-Type": content_type})
+
+
+class Page(web.View):
+    """``GET /``: the page for a person (it asks for the API key and keeps it in the browser's
+    session storage; the API calls it makes carry it)."""
+
+    async def get(self, request: web.Request) -> web.Response:
+        return aioweb.Response(body=(STATIC / "index.html").read_bytes(),
+                               content_type="text/html", charset="utf-8",
+                               headers={"Cache-Control": "no-store"})
+
+
+metrics.watch_lag(lambda: app.monitor)
+
+
 # ---------------------------------------------------------------- routes
 
 for path, view in (
+    ("/", Page),
+    ("/healthz", Health),
+    ("/readyz", Ready),
+    ("/metrics", Metrics),
     ("/verifications", Start),
     ("/orchestrators/E4_SmsPhoneVerification", SeedStart),
     ("/verifications/{instance_id}", Status),

@@ -1,0 +1,78 @@
+"""The worker's Prometheus metrics (``GET /metrics``), with ``prometheus_client``.
+
+The agents count what they publish once Kafka has acknowledged it; lag per partition is read
+from Faust's monitor when scraped. Names are the contract's, plus a few for operators.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+REGISTRY = CollectorRegistry()
+#: Seconds, from 1 ms to 30 s: what a person waits for.
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+outcomes = Counter("phoneverify_outcomes", "Outcomes published, by reason.", ["reason"],
+                   registry=REGISTRY)
+sms = Counter("phoneverify_sms", "SMS handed to the provider (sent, failed) and delivery "
+              "receipts (delivered, undelivered), by result.", ["result"], registry=REGISTRY)
+replies = Counter("phoneverify_replies", "Replies published, by result.", ["result"],
+                  registry=REGISTRY)
+pending = Gauge("phoneverify_pending_verifications",
+                "Verifications started and not concluded, on this worker's partitions.",
+                registry=REGISTRY)
+response_to_outcome = Histogram(
+    "phoneverify_response_to_outcome_seconds",
+    "From the response record (broker time) to its outcome published.", buckets=LATENCY,
+    registry=REGISTRY)
+reply_latency = Histogram(
+    "phoneverify_reply_seconds", "From a command record (broker time) to its reply published.",
+    ["command"], buckets=LATENCY, registry=REGISTRY)
+sms_send = Histogram("phoneverify_sms_send_seconds", "How long the SMS provider took to "
+                     "accept (or refuse) one SMS, retries included.", buckets=LATENCY,
+                     registry=REGISTRY)
+misrouted = Counter("phoneverify_misrouted_records", "Records a client's partitioner put on "
+                    "another partition than the service's, moved to theirs.", ["topic"],
+                    registry=REGISTRY)
+dead_letters = Counter("phoneverify_dead_letters", "Records sent to the dead-letter topic.",
+                       ["topic"], registry=REGISTRY)
+
+
+class Lag(Collector):
+    """Records not yet read, per input partition this worker consumes (Faust's monitor)."""
+
+    def __init__(self, monitor: Callable[[], Any]) -> None:
+        self.monitor = monitor
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("phoneverify_consumer_lag",
+                                   "Records behind the partition's end, per input partition.",
+                                   labels=["topic", "partition"])
+        monitor = self.monitor()
+        ends = dict(getattr(monitor, "tp_end_offsets", None) or {})
+        read = getattr(monitor, "tp_read_offsets", None) or {}
+        for tp, end in ends.items():
+            behind = max(0, end - (read.get(tp, -1) + 1))
+            family.add_metric([tp.topic, str(tp.partition)], behind)
+        yield family
+
+
+def watch_lag(monitor: Callable[[], Any]) -> None:
+    REGISTRY.register(Lag(monitor))
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics in Prometheus' text format, and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
