@@ -397,7 +397,10 @@ class Batch:
                                        if isinstance(cause, Answer) else None))
                 took = (outcome.completed_at - outcome.created_at).total_seconds()
                 log.info("verification %s: %s (%s, %d attempts, %.1f s)", state.instance_id,
-                         outcome.status, outcome.reason, outcome.attempts, took)
+                         outcome.status, outcome.reason, outcome.attempts, took,
+                         extra={"instance_id": state.instance_id, "status": outcome.status,
+                                "reason": outcome.reason, "attempts": outcome.attempts,
+                                "duration_s": round(took, 3)})
                 if state.max_attempts and stored.start:  # admitted: settle its reservation
                     self.settle(partition, state, stored.start, state.phone_number or "",
                                 state.wrong_at)
@@ -435,7 +438,7 @@ def to_command(event: EventT) -> tuple[Command, str | None, tuple[str, int] | No
         status = _sms_status(message.value)
         if isinstance(status, SmsSent):
             return ConfirmSms(instance_id=status.instance_id, command_id=status.command_id,
-                              at=at), None, None
+                              at=at, receipt=status.receipt == "delivered"), None, None
         return FailSms(instance_id=status.instance_id, command_id=status.command_id,
                        error=status.error, at=at), None, None
     origin = origin_of(event)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import faust
 
 from phoneverify.ops import faust_fixes
+from phoneverify.ops.logs import json_logging
 from phoneverify.settings import Settings
 from phoneverify.topics import Names
 
@@ -52,6 +53,7 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     broker_commit_interval=1.0,
     worker_redirect_stdouts_level="INFO",  # the console SMS backend prints; not a warning
+    logging_config=json_logging(settings.log_level) if settings.log_format == "json" else None,
 )
 
 

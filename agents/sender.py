@@ -66,7 +66,8 @@ async def timed(command: SendSms) -> Delivery:
     began = time.perf_counter()
     try:
         return await send_with_retry(backend, command.to, command.body,
-                                     instance_id=command.instance_id)
+                                     instance_id=command.instance_id,
+                                     command_id=command.command_id)
     finally:
         metrics.sms_send.observe(time.perf_counter() - began)
 

@@ -25,14 +25,16 @@ import math
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import aiohttp
 from aiohttp import web as aioweb
 from faust import web
+from twilio.request_validator import RequestValidator
 from yarl import URL
 
 from phoneverify.agents.actor import Stored, current, verifications
-from phoneverify.agents.app import app, settings
+from phoneverify.agents.app import app, names, settings
 from phoneverify.interfaces.client import (
     InvalidInput,
     KafkaUnavailable,
@@ -41,10 +43,12 @@ from phoneverify.interfaces.client import (
     VerificationClient,
     explain_refusal,
 )
-from phoneverify.models.messages import INSTANCE_ID, Reply, iso
+from phoneverify.models.messages import INSTANCE_ID, Reply, SmsFailed, SmsSent, iso
 from phoneverify.models.phone import mask
 from phoneverify.models.verification import Verification
 from phoneverify.ops import metrics
+from phoneverify.sms.twilio_sender import RECEIPTS
+from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify.http")
 
@@ -207,9 +211,13 @@ OUTPUT = {"pending": None, "verified": True, "failed": False, "terminated": Fals
           "unknown": None}
 
 
+SMS_STATES = {"none": None, "requested": "requested", "accepted": "sent",
+              "delivered": "delivered"}
+
+
 def status_of(state: Verification) -> dict[str, Any]:
     """The status document: never the code nor its hash."""
-    runtime = {"pending": "Running" if state.sms == "delivered" else "Pending",
+    runtime = {"pending": "Running" if state.sms in ("accepted", "delivered") else "Pending",
                "verified": "Completed", "failed": "Completed",
                "terminated": "Terminated"}.get(state.status, "Pending")
     return {
@@ -223,6 +231,7 @@ def status_of(state: Verification) -> dict[str, Any]:
         "attemptsLeft": state.attempts_left,
         "deadline": _iso(state.deadline),
         "reason": state.reason,
+        "sms": SMS_STATES[state.sms],
         **({"terminateReason": state.detail} if state.status == "terminated" else {}),
     }
 
@@ -366,6 +375,51 @@ class Page(web.View):
                                headers={"Cache-Control": "no-store"})
 
 
+class TwilioReceipt(web.View):
+    """``POST /twilio/status``: Twilio's delivery receipts (status callbacks), signed with the
+    account's auth token in ``X-Twilio-Signature`` (403 when it does not match).
+
+    ``delivered`` records the SMS as delivered; ``undelivered`` or ``failed`` fails the
+    verification at once (``sms_undeliverable``); other statuses change nothing (204).
+    """
+
+    async def post(self, request: web.Request) -> web.Response:
+        if settings.sms_backend != "twilio" or not settings.public_base_url:
+            return self.error(404, "delivery receipts need SMS_BACKEND=twilio and "
+                                   "PUBLIC_BASE_URL")
+        try:
+            params = dict(parse_qsl((await _body(request)).decode(), keep_blank_values=True))
+        except (HttpError, UnicodeDecodeError):
+            return self.error(400, "a status callback is a form of at most "
+                                   f"{settings.http_max_body_bytes} bytes (UTF-8)")
+        url = f"{settings.public_base_url.rstrip('/')}{RECEIPTS}"
+        if request.rel_url.raw_query_string:  # as Twilio called it (and signed it), encoded
+            url += f"?{request.rel_url.raw_query_string}"
+        validator = RequestValidator(settings.twilio_auth_token.get_secret_value())
+        if not validator.validate(url, params, request.headers.get("X-Twilio-Signature", "")):
+            return self.error(403, "X-Twilio-Signature does not match this request")
+        iid, command_id = request.query.get("instance_id", ""), request.query.get("command_id")
+        if not INSTANCE_ID.fullmatch(iid) or not command_id:
+            return self.error(400, "the callback URL must name instance_id and command_id")
+        status, sid = params.get("MessageStatus", ""), params.get("MessageSid")
+        record: SmsSent | SmsFailed
+        if status == "delivered":
+            record = SmsSent(command_id=command_id, instance_id=iid, provider_id=sid,
+                             receipt="delivered")
+        elif status in ("undelivered", "failed"):
+            error = params.get("ErrorCode") or "no error code"
+            record = SmsFailed(command_id=command_id, instance_id=iid, permanent=True,
+                               error=f"twilio receipt: {status} (error {error})")
+        else:
+            return aioweb.Response(status=204)  # queued, sent, sending...: nothing to record
+        key = iid.encode()
+        sent = await app.producer.send(names.sms_status, key, record.to_bytes(),
+                                       partition_for(key, settings.partitions), None, None)
+        await sent
+        metrics.sms.labels(status if status != "failed" else "undelivered").inc()
+        return aioweb.Response(status=204)
+
+
 metrics.watch_lag(lambda: app.monitor)
 
 
@@ -376,6 +430,7 @@ for path, view in (
     ("/healthz", Health),
     ("/readyz", Ready),
     ("/metrics", Metrics),
+    (RECEIPTS, TwilioReceipt),
     ("/verifications", Start),
     ("/orchestrators/E4_SmsPhoneVerification", SeedStart),
     ("/verifications/{instance_id}", Status),

@@ -138,10 +138,14 @@ class SendSms(Message):
 
 
 class SmsSent(Message):
+    """The provider accepted the SMS; with ``receipt``, its delivery receipt says the phone
+    got it (an addition to the contract: Twilio's status callbacks)."""
+
     type: Literal["sms_sent"] = "sms_sent"
     command_id: str
     instance_id: InstanceId
     provider_id: str | None = None
+    receipt: Literal["delivered"] | None = None
 
 
 class SmsFailed(Message):

@@ -111,10 +111,13 @@ class Expire(_Frozen):
 
 
 class ConfirmSms(_Frozen):
+    """The provider accepted the SMS, or (``receipt``) reported it delivered to the phone."""
+
     kind: Literal["confirm_sms"] = "confirm_sms"
     instance_id: InstanceId
     command_id: str
     at: UtcTime
+    receipt: bool = False
 
 
 class FailSms(_Frozen):
@@ -150,7 +153,18 @@ class SmsRequested(_Frozen):
     at: UtcTime
 
 
+class SmsAccepted(_Frozen):
+    """The SMS provider took the message (the console backend: printed it)."""
+
+    type: Literal["sms_accepted"] = "sms_accepted"
+    instance_id: InstanceId
+    command_id: str
+    at: UtcTime
+
+
 class SmsDelivered(_Frozen):
+    """The provider's delivery receipt: the phone got it."""
+
     type: Literal["sms_delivered"] = "sms_delivered"
     instance_id: InstanceId
     command_id: str
@@ -220,7 +234,8 @@ class Answered(_Frozen):
 
 
 Event = Annotated[
-    Started | SmsRequested | SmsDelivered | CodeRejected | Verified | Failed | Terminated
+    Started | SmsRequested | SmsAccepted | SmsDelivered | CodeRejected | Verified | Failed
+    | Terminated
     | Held | Dropped | Answered,
     Field(discriminator="type"),
 ]
@@ -238,7 +253,7 @@ class Verification(_Frozen):
     phone_number: str | None = None
     code_hash: str | None = None
     command_id: str | None = None
-    sms: Literal["none", "requested", "delivered"] = "none"
+    sms: Literal["none", "requested", "accepted", "delivered"] = "none"
     created_at: UtcTime | None = None
     deadline: UtcTime | None = None
     max_attempts: int = 0
@@ -329,8 +344,12 @@ def decide(command: Command, state: Verification) -> list[Event]:
                     *_answered(command, "terminated")]
         case Expire() if at >= state.deadline:
             return [_failed(state, "expired", at)]
-        case ConfirmSms() if command.command_id == state.command_id and state.sms == "requested":
+        case ConfirmSms() if command.command_id != state.command_id:
+            return []
+        case ConfirmSms(receipt=True) if state.sms != "delivered":
             return [SmsDelivered(instance_id=iid, command_id=command.command_id, at=at)]
+        case ConfirmSms() if state.sms == "requested":
+            return [SmsAccepted(instance_id=iid, command_id=command.command_id, at=at)]
         case FailSms() if command.command_id == state.command_id:
             return [_failed(state, "sms_undeliverable", at, command.error)]
     return []
@@ -398,6 +417,8 @@ def evolve(state: Verification, event: Event) -> Verification:
                         "held": ()}  # the held commands are decided with the start
         case SmsRequested():
             changes |= {"sms": "requested", "command_id": event.command_id}
+        case SmsAccepted():
+            changes |= {"sms": "accepted"}
         case SmsDelivered():
             changes |= {"sms": "delivered"}
         case CodeRejected():

@@ -14,6 +14,7 @@ replicas than there are brokers) must still show as an error.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -54,3 +55,39 @@ def quiet_harmless_startup_errors(window: float = STARTUP_SECONDS) -> HarmlessSt
     installed = HarmlessStartupErrors(window)
     logger.addFilter(installed)
     return installed
+
+
+# ---------------------------------------------------------------- LOG_FORMAT=json
+
+#: Fields a log record may carry (``extra=``) that a JSON line keeps.
+FIELDS = ("instance_id", "status", "reason", "attempts", "duration_s", "topic", "partition",
+          "offset")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(), "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({name: getattr(record, name) for name in FIELDS if hasattr(record, name)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+    converter = time.gmtime  # type: ignore[assignment]
+
+
+def json_logging(level: str) -> dict[str, object]:
+    """A ``logging.config.dictConfig`` for JSON lines on standard output."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": f"{__name__}.JsonFormatter"}},
+        "handlers": {"stdout": {"class": "logging.StreamHandler", "formatter": "json",
+                                "stream": "ext://sys.stdout"}},
+        "root": {"level": level.upper(), "handlers": ["stdout"]},
+    }

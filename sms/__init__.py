@@ -28,20 +28,23 @@ class TransientSmsError(Exception):
 
 
 class SmsBackend(Protocol):
-    async def send(self, to: str, body: str, *, instance_id: str | None = None) -> Delivery:
-        """Send ``body`` to ``to``; ``instance_id`` names the verification, for backends that
-        show it (the console), never sent to the phone."""
+    async def send(self, to: str, body: str, *, instance_id: str | None = None,
+                   command_id: str | None = None) -> Delivery:
+        """Send ``body`` to ``to``; ``instance_id`` and ``command_id`` name the verification
+        and its SMS command, for backends that show them (the console) or get them back (a
+        delivery receipt), never sent to the phone."""
         ...
 
     async def close(self) -> None: ...
 
 
 async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 4,
-                          first_delay: float = 0.2, *, instance_id: str | None = None) -> Delivery:
+                          first_delay: float = 0.2, *, instance_id: str | None = None,
+                          command_id: str | None = None) -> Delivery:
     delay = first_delay
     for attempt in range(1, tries + 1):
         try:
-            return await backend.send(to, body, instance_id=instance_id)
+            return await backend.send(to, body, instance_id=instance_id, command_id=command_id)
         except TransientSmsError as error:
             if attempt == tries:
                 return Delivery(ok=False, error=f"gave up after {tries} tries: {error}",

@@ -20,7 +20,8 @@ class ConsoleBackend:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
 
-    async def send(self, to: str, body: str, *, instance_id: str | None = None) -> Delivery:
+    async def send(self, to: str, body: str, *, instance_id: str | None = None,
+                   command_id: str | None = None) -> Delivery:
         where = to if instance_id is None else f"{to} for {instance_id}"
         print(f"[sms to {where}] {body}", file=sys.stdout, flush=True)
         return Delivery(ok=True, provider_id=f"console-{next(self._ids)}")

@@ -4,11 +4,16 @@ Twilio's answer decides the outcome: a created message is a delivery; a 4xx refu
 429 (invalid, landline or unsubscribed number, bad credentials...) is permanent; 429, 5xx,
 connection errors and timeouts raise :class:`~sms.TransientSmsError` so the caller may retry.
 The message body carries the code, so it never goes into a log line or an error string.
+
+With a ``status_callback`` base URL (``PUBLIC_BASE_URL``), each message asks Twilio for
+delivery receipts at ``{base}/twilio/status?instance_id=...&command_id=...``; the worker
+serves that route (:mod:`phoneverify.interfaces.http`), checking Twilio's signature.
 """
 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlencode
 
 import aiohttp
 from twilio.base.exceptions import TwilioRestException, TwilioServiceException
@@ -20,13 +25,16 @@ from phoneverify.sms import Delivery, TransientSmsError
 
 #: Seconds one Messages request may take. The twilio async client sets no timeout of its own.
 DEFAULT_TIMEOUT = 10.0
+#: The worker's route for Twilio's delivery receipts (status callbacks).
+RECEIPTS = "/twilio/status"
 
 
 class TwilioBackend:
     """Sends SMS from one Twilio number with one account's credentials."""
 
     def __init__(self, account_sid: str, auth_token: str, from_number: str, *,
-                 base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+                 base_url: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 status_callback: str | None = None) -> None:
         """Check the settings now; the HTTP session is opened on the first send.
 
         ``base_url`` replaces ``https://api.twilio.com`` (tests point it at a local fake).
@@ -44,6 +52,7 @@ class TwilioBackend:
         self._from = from_number.strip()
         self._base_url = base_url.rstrip("/") if base_url else None
         self._timeout = timeout
+        self._status_callback = status_callback.rstrip("/") if status_callback else None
         self._http: AsyncTwilioHttpClient | None = None
         self._client: Client | None = None
 
@@ -53,7 +62,8 @@ class TwilioBackend:
         return cls(settings.twilio_account_sid,
                    settings.twilio_auth_token.get_secret_value(),
                    settings.twilio_phone_number,
-                   base_url=settings.twilio_base_url)
+                   base_url=settings.twilio_base_url,
+                   status_callback=settings.public_base_url)
 
     def _twilio(self) -> Client:
         """The client, made on first use: its aiohttp session needs the running loop."""
@@ -67,13 +77,18 @@ class TwilioBackend:
             self._client = client
         return self._client
 
-    async def send(self, to: str, body: str, *, instance_id: str | None = None) -> Delivery:
+    async def send(self, to: str, body: str, *, instance_id: str | None = None,
+                   command_id: str | None = None) -> Delivery:
         """Send ``body`` to ``to`` (E.164); see the module docstring for the outcomes.
-        ``instance_id`` is not sent: the phone sees only the body."""
+        ``instance_id`` and ``command_id`` go only into the receipt URL, never to the phone."""
+        receipts = {}
+        if self._status_callback and instance_id and command_id:
+            query = urlencode({"instance_id": instance_id, "command_id": command_id})
+            receipts["status_callback"] = f"{self._status_callback}{RECEIPTS}?{query}"
         try:
             async with asyncio.timeout(self._timeout):
                 message = await self._twilio().messages.create_async(
-                    to=to, from_=self._from, body=body)
+                    to=to, from_=self._from, body=body, **receipts)
         except TwilioRestException as error:
             return _refusal(error.status, error.code, error.msg, body)
         except TwilioServiceException as error:

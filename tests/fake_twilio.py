@@ -53,6 +53,8 @@ class Received:
     status: int
     #: The message SID, for a created message.
     sid: str | None = None
+    #: Where the sender asked Twilio to post delivery receipts (``StatusCallback``).
+    status_callback: str | None = None
 
 
 class FakeTwilio:
@@ -130,7 +132,9 @@ class FakeTwilio:
             else:
                 status = 201
             message_sid = f"SM{next(self._sids):032x}" if status == 201 else None
-            self._requests.append(Received(sid, to, from_, body, auth, status, message_sid))
+            callback = str(form["StatusCallback"]) if "StatusCallback" in form else None
+            self._requests.append(Received(sid, to, from_, body, auth, status, message_sid,
+                                           callback))
         if status == _STALL:
             assert self._stopping is not None
             await self._stopping.wait()

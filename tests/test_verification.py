@@ -33,6 +33,7 @@ from phoneverify.models.verification import (
     FailSms,
     Held,
     Reject,
+    SmsAccepted,
     SmsDelivered,
     SmsRequested,
     Start,
@@ -262,14 +263,27 @@ def test_fail_sms_for_another_command_emits_nothing():
     assert decide(fail, given(*started())) == []
 
 
-def test_confirm_sms_marks_delivered_once():
+def test_confirm_sms_marks_accepted_once():
     confirm = ConfirmSms(instance_id=IID, command_id=CMD, at=at(1))
     state = given(*started())
     events = decide(confirm, state)
-    assert events == [SmsDelivered(instance_id=IID, command_id=CMD, at=at(1))]
+    assert events == [SmsAccepted(instance_id=IID, command_id=CMD, at=at(1))]
     after = fold(state, events)
-    assert after.sms == "delivered"
+    assert after.sms == "accepted"
     assert decide(confirm, after) == []
+
+
+def test_a_delivery_receipt_marks_delivered_once_whenever_it_comes():
+    receipt = ConfirmSms(instance_id=IID, command_id=CMD, at=at(2), receipt=True)
+    accepted = given(*started(), SmsAccepted(instance_id=IID, command_id=CMD, at=at(1)))
+    for state in (accepted, given(*started())):  # before the acceptance, too
+        events = decide(receipt, state)
+        assert events == [SmsDelivered(instance_id=IID, command_id=CMD, at=at(2))]
+        after = fold(state, events)
+        assert after.sms == "delivered"
+        assert decide(receipt, after) == []
+        acceptance = ConfirmSms(instance_id=IID, command_id=CMD, at=at(3))
+        assert decide(acceptance, after) == []  # never back from delivered
 
 
 def test_confirm_sms_for_another_command_emits_nothing():
@@ -854,6 +868,7 @@ def test_random_command_sequences_keep_the_rules(data, max_attempts, length, fir
     assert state.attempts <= max_attempts
     assert sum(isinstance(e, Started) for e in emitted) <= 1
     assert sum(isinstance(e, SmsRequested) for e in emitted) <= 1
+    assert sum(isinstance(e, SmsAccepted) for e in emitted) <= 1
     assert sum(isinstance(e, SmsDelivered) for e in emitted) <= 1
 
     assert state.version == len(emitted)
