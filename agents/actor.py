@@ -182,6 +182,8 @@ class Batch:
             records = list(records)
             for partition in {event.message.partition for event in records} - _republished:
                 self.republish(partition)
+                if not due.ready(partition):
+                    due.build(partition, _due_entries(partition))  # and counts its pending
             for event in records:
                 try:
                     await self.take(event)

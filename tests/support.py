@@ -92,7 +92,8 @@ class Worker:
                                   **extra)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 90.0) -> Worker:
+    def launch(self) -> Worker:
+        """Start the process and return at once (``start`` waits until it is ready)."""
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
             [sys.executable, "-m", "phoneverify.agents.worker"], cwd=ROOT, env=self.env,
@@ -100,7 +101,10 @@ class Worker:
             start_new_session=True,
         )
         log.close()
-        self._offset = 0
+        return self
+
+    def start(self, timeout: float = 90.0) -> Worker:
+        self.launch()
         wait_until(lambda: self._alive_and("Worker]: Ready"), timeout, f"worker {self.name} ready")
         return self
 

@@ -1,0 +1,121 @@
+"""What an operator sees: health, readiness, Prometheus metrics that move with real
+verifications, and JSON log lines (never a code)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+
+import aiohttp
+from aiokafka import AIOKafkaProducer
+
+from phoneverify.topics import ensure_topics
+
+from support import Client, Deployment, Worker
+
+KEY = {"X-API-Key": "test-api-key"}
+
+
+async def fetch(worker: Worker, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{worker.web_port}{path}") as response:
+        return response.status, await response.text()
+
+
+def sample(metrics: str, name: str, **labels: str) -> float:
+    """One sample's value from the Prometheus text (0 when it is not there yet)."""
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(wanted) + r"\}" if labels else "") + r" (\S+)"
+    match = re.search(f"^{pattern}$", metrics, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_health_and_readiness_before_and_after_recovery(
+        deployment: Deployment, start_worker) -> None:
+    # A changelog to recover: the worker is not ready until it has read it.
+    await ensure_topics(deployment.app_settings())
+    changelog = f"{deployment.env()['APP_ID']}-verifications-changelog"
+    producer = AIOKafkaProducer(bootstrap_servers=deployment.bootstrap, linger_ms=20)
+    await producer.start()
+    try:
+        value = json.dumps({"life": "x", "state": {"instance_id": "x"}}).encode()
+        sends = [await producer.send(changelog, value, key=f"k{i}".encode())
+                 for i in range(60_000)]
+        await asyncio.gather(*sends)
+    finally:
+        await producer.stop()
+    worker = Worker(deployment, "ready").launch()
+    try:
+        seen: list[int] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while loop.time() < deadline and 200 not in seen:
+            try:
+                status, body = await fetch(worker, "/readyz")
+                seen.append(status)
+                if status == 503:
+                    assert json.loads(body)["status"] == "not ready"
+                    assert (await fetch(worker, "/healthz"))[0] == 200  # alive meanwhile
+            except aiohttp.ClientError:
+                pass  # not listening yet
+            await asyncio.sleep(0.05)
+        assert 503 in seen and seen[-1] == 200, seen[-10:]
+        assert seen.index(200) > seen.index(503)
+        assert json.loads((await fetch(worker, "/readyz"))[1]) == {"status": "ready"}
+    finally:
+        worker.stop()
+
+
+async def test_metrics_move_with_real_verifications(
+        deployment: Deployment, start_worker) -> None:
+    worker = start_worker()
+    status, before = await fetch(worker, "/metrics")  # no key needed
+    assert status == 200
+    async with Client(deployment) as client:
+        iid = uuid.uuid4().hex
+        reply = await client.ask("verification.start", {"instance_id": iid,
+                                                        "phone_number": "+1 425 555 0171"})
+        assert reply["result"] == "started"
+        code = await client.sms_code(iid)
+        _, pending = await fetch(worker, "/metrics")
+        assert sample(pending, "phoneverify_pending_verifications") == 1
+        await client.ask("verification.response", {"instance_id": iid, "code": "0000"
+                         if code != "0000" else "1111"})
+        await client.ask("verification.response", {"instance_id": iid, "code": code})
+        await client.outcomes(iid)
+    _, after = await fetch(worker, "/metrics")
+    assert sample(after, "phoneverify_outcomes_total", reason="code_matched") == 1
+    assert sample(after, "phoneverify_replies_total", result="started") == 1
+    assert sample(after, "phoneverify_replies_total", result="wrong_code") == 1
+    assert sample(after, "phoneverify_replies_total", result="verified") == 1
+    assert sample(after, "phoneverify_sms_total", result="sent") == 1
+    assert sample(after, "phoneverify_pending_verifications") == 0
+    assert sample(after, "phoneverify_response_to_outcome_seconds_count") == 1
+    assert sample(after, "phoneverify_reply_seconds_count", command="response") == 2
+    assert sample(after, "phoneverify_sms_send_seconds_count") == 1
+    assert re.search(r'^phoneverify_consumer_lag\{partition="\d+",topic="[^"]+'
+                     r'verification.response"\} 0.0$', after, re.M)
+    assert sample(before, "phoneverify_outcomes_total", reason="code_matched") == 0
+    assert code not in after.replace(iid, "")
+
+
+async def test_json_logs_one_object_per_line_and_never_a_code(
+        deployment: Deployment, start_worker) -> None:
+    worker = start_worker(LOG_FORMAT="json")
+    async with Client(deployment) as client:
+        iid = uuid.uuid4().hex
+        await client.start("+1 425 555 0172", instance_id=iid)
+        code = await client.sms_code(iid)
+        await client.respond(iid, code)
+        await client.outcomes(iid)
+    worker.stop()
+    lines = [json.loads(line) for line in worker.log().splitlines() if line.strip()]
+    [outcome] = [line for line in lines if line.get("instance_id") == iid]
+    assert {k: outcome[k] for k in ("status", "reason", "attempts")} == {
+        "status": "verified", "reason": "code_matched", "attempts": 1}
+    assert outcome["duration_s"] >= 0 and outcome["level"] == "info"
+    # The console backend stands in for the phone: only its line shows the code.
+    holding = [line for line in lines if code in line["message"].replace(iid, "")]
+    assert all("[sms to " in line["message"] for line in holding)
