@@ -121,8 +121,9 @@ due = DueIndex()
 _republished: set[int] = set()
 #: Partitions whose outbox, as last written by this worker, is not empty.
 _outbox_full: set[int] = set()
-#: Pending verifications per partition (counted when a partition's due index is built).
+#: Pending and kept verifications per partition (counted when its due index is built).
 _pending: dict[int, int] = {}
+_kept: dict[int, int] = {}
 
 
 def _reassigned(*args: Any, **kwargs: Any) -> None:
@@ -130,7 +131,9 @@ def _reassigned(*args: Any, **kwargs: Any) -> None:
     _republished.clear()
     _outbox_full.clear()
     _pending.clear()
+    _kept.clear()
     metrics.pending.set(0)
+    metrics.kept.set(0)
 
 
 app.on_partitions_assigned.connect(_reassigned)
@@ -224,6 +227,7 @@ class Batch:
             else:  # the latency of a reply to a command
                 metrics.reply_latency.labels(label).observe(max(0.0, now - (since or now)))
         metrics.pending.set(sum(_pending.values()))
+        metrics.kept.set(sum(_kept.values()))
 
     def writes(self) -> dict[bytes, tuple[int, bytes | None]]:
         """Each partition's outbox first, then the states (see the module's docstring). An
@@ -296,13 +300,17 @@ class Batch:
         raw = verifications.read(key, partition)
         return Stored.model_validate_json(raw) if raw is not None else None
 
-    def store(self, key: bytes, partition: int, stored: Stored) -> None:
+    def store(self, key: bytes, partition: int, stored: Stored | None) -> None:
+        """Keep ``stored`` for ``key`` (``None``: forget it), counting what changes."""
         before = self.load(key, partition)
-        was = before is not None and before.state.status == "pending"
-        now = stored.state.status == "pending"
-        if was != now and partition in _pending:
-            _pending[partition] += 1 if now else -1
-        self.changed[key] = (partition, stored.model_copy(update={"due": due_at(stored.state)}))
+        if partition in _pending:
+            pending = stored is not None and stored.state.status == "pending"
+            _pending[partition] += pending - (before is not None
+                                              and before.state.status == "pending")
+            _kept[partition] += (stored is not None) - (before is not None)
+        if stored is not None:
+            stored = stored.model_copy(update={"due": due_at(stored.state)})
+        self.changed[key] = (partition, stored)
 
     def apply(self, key: bytes, partition: int, command: Command, origin: str | None,
               sequence: tuple[str, int] | None) -> None:
@@ -354,7 +362,7 @@ class Batch:
             if stored.due > now.timestamp():
                 due.schedule(partition, stored.due, key)  # its due time moved
             elif stored.state.is_final or stored.state.is_empty:
-                self.changed[key] = (partition, None)  # retention is over: forget it
+                self.store(key, partition, None)  # retention is over: forget it
             else:
                 command = Expire(instance_id=stored.state.instance_id, at=now)
                 state = self.publish(key, partition, stored, decide(command, stored.state),
@@ -514,7 +522,7 @@ def due_at(state: Verification) -> float | None:
 
 def _due_entries(partition: int) -> list[tuple[float, bytes]]:
     """Every aggregate of the partition that will be due (one scan, after a rebalance)."""
-    entries, pending = [], 0
+    entries, pending, kept = [], 0, 0
     for key, raw in verifications.items_in(partition):
         if key.startswith(OUTBOX):
             continue
@@ -523,6 +531,7 @@ def _due_entries(partition: int) -> list[tuple[float, bytes]]:
         if when is not None:
             entries.append((float(when), key))
         pending += stored["state"]["status"] == "pending"
-    _pending[partition] = pending
+        kept += 1
+    _pending[partition], _kept[partition] = pending, kept
     return entries
 

@@ -15,12 +15,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, CPU seconds, open files
 #: Seconds, from 1 ms to 30 s: what a person waits for.
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -33,6 +35,9 @@ replies = Counter("phoneverify_replies", "Replies published, by result.", ["resu
 pending = Gauge("phoneverify_pending_verifications",
                 "Verifications started and not concluded, on this worker's partitions.",
                 registry=REGISTRY)
+kept = Gauge("phoneverify_kept_verifications", "Verifications the table keeps (pending, "
+             "held, or concluded within VERIFICATION_RETENTION_SECONDS), on this worker's "
+             "partitions.", registry=REGISTRY)
 response_to_outcome = Histogram(
     "phoneverify_response_to_outcome_seconds",
     "From the response record (broker time) to its outcome published.", buckets=LATENCY,
