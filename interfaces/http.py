@@ -124,6 +124,9 @@ class SeedStart(Start):
 
 def _uris(request: web.Request, iid: str, seed: bool) -> dict[str, str]:
     origin = request.url.origin()
+    forwarded = request.headers.get("X-Forwarded-Proto")
+    if forwarded in ("http", "https"):  # behind a TLS-terminating proxy
+        origin = origin.with_scheme(forwarded)
     if not seed:
         base = f"{origin}/verifications/{iid}"
         return {"id": iid, "statusQueryGetUri": base,
@@ -263,16 +266,17 @@ async def _ask(call: Any) -> Reply:
 
 
 def _refusal(reply: Reply) -> HttpError:
-    why = explain_refusal(reply)
-    match reply.result:
+    why, result = explain_refusal(reply), reply.result
+    match result:
         case "duplicate":
-            return HttpError(409, why, id=reply.instance_id)
+            return HttpError(409, why, result=result, id=reply.instance_id)
         case "rate_limited":
             retry = max(1, math.ceil(reply.retry_after or 1))
-            return HttpError(429, why, headers={"Retry-After": str(retry)}, retryAfter=retry)
+            return HttpError(429, why, headers={"Retry-After": str(retry)}, result=result,
+                             retryAfter=retry)
         case "unknown":
-            return HttpError(404, why)
-    return HttpError(400, why)  # an invalid or blocked number
+            return HttpError(404, why, result=result)
+    return HttpError(400, why, result=result)  # an invalid or blocked number
 
 
 async def _body(request: web.Request) -> bytes:

@@ -40,11 +40,22 @@ class NumberPolicy:
                              f"{', '.join(sorted(TYPE_NAMES.values()))}")
 
 
+_UNPARSABLE = {
+    phonenumbers.NumberParseException.INVALID_COUNTRY_CODE:
+        "not a phone number: the country code is missing or unknown (start with + and it)",
+    phonenumbers.NumberParseException.NOT_A_NUMBER: "not a phone number",
+    phonenumbers.NumberParseException.TOO_SHORT_AFTER_IDD:
+        "not a phone number: too short after the international prefix",
+    phonenumbers.NumberParseException.TOO_SHORT_NSN: "not a phone number: too short",
+    phonenumbers.NumberParseException.TOO_LONG: "not a phone number: too long",
+}
+
+
 def _parse(raw: str, default_region: str) -> phonenumbers.PhoneNumber:
     try:
         return phonenumbers.parse(raw, default_region)
     except phonenumbers.NumberParseException as error:
-        raise InvalidPhoneNumber(f"not a phone number: {error}") from None
+        raise InvalidPhoneNumber(_UNPARSABLE.get(error.error_type, "not a phone number")) from None
 
 
 def _e164(number: phonenumbers.PhoneNumber) -> str:
