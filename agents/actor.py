@@ -26,6 +26,7 @@ their partition first (``verification.rerouted``), before they touch any state.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -185,8 +186,8 @@ class Batch:
             records = list(records)
             for partition in {event.message.partition for event in records} - _republished:
                 self.republish(partition)
-                if not due.ready(partition):
-                    due.build(partition, _due_entries(partition))  # and counts its pending
+                if not due.ready(partition):  # and count its pending and kept verifications
+                    due.build(partition, await _due_entries(partition))
             for event in records:
                 try:
                     await self.take(event)
@@ -352,9 +353,8 @@ class Batch:
                         state.wrong_at)
 
     def tick(self, partition: int, now: datetime) -> None:
-        """Expire what is due on this partition; costs time in the number due, not kept."""
-        if not due.ready(partition):
-            due.build(partition, _due_entries(partition))
+        """Expire what is due on this partition; costs time in the number due, not kept.
+        (The partition's due index was built when the batch began.)"""
         for key in due.pop_due(partition, now.timestamp()):
             stored = self.load(key, partition)
             if stored is None or stored.due is None:
@@ -520,10 +520,13 @@ def due_at(state: Verification) -> float | None:
     return None
 
 
-def _due_entries(partition: int) -> list[tuple[float, bytes]]:
-    """Every aggregate of the partition that will be due (one scan, after a rebalance)."""
+async def _due_entries(partition: int) -> list[tuple[float, bytes]]:
+    """Every aggregate of the partition that will be due (one scan, after a rebalance; it lets
+    the event loop run every few thousand, so the worker keeps answering meanwhile)."""
     entries, pending, kept = [], 0, 0
-    for key, raw in verifications.items_in(partition):
+    for n, (key, raw) in enumerate(verifications.items_in(partition), start=1):
+        if n % 5000 == 0:
+            await asyncio.sleep(0)
         if key.startswith(OUTBOX):
             continue
         stored = from_json(raw)
