@@ -438,3 +438,31 @@ def test_cluster_of_three_survives_a_killed_node(tmp_path: Path, jars: Path) -> 
     assert not [pid for pid in pids
                 if any(runs_broker(pid, node.properties) for node in cluster.nodes)]
     print("\n" + ", ".join(f"{name}: {took:.1f}s" for name, took in timings.items()))
+
+
+def test_closing_the_terminal_of_make_run_leaves_no_broker_and_no_worker(place: Place) -> None:
+    """``make run`` itself (the broker launcher around a real worker), and SIGHUP to its
+    process group, as a terminal sends when it closes."""
+    web = free_base((0,))
+    run = subprocess.Popen(
+        ["make", "--no-print-directory", "-C", str(ROOT), "run"],
+        env=place.env(DATA_DIR=str(place.home / "worker"), WEB_PORT=str(web),
+                      TOPIC_PREFIX="sighup.", CODE_HASH_KEY="k", API_KEY="k"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        assert run.stdout is not None
+        lines: list[str] = []
+        for line in run.stdout:
+            lines.append(line)
+            if "Worker]: Ready" in line:
+                break
+        assert any("Worker]: Ready" in line for line in lines), "".join(lines[-30:])
+        broker = place.recorded_pid()
+        os.killpg(run.pid, signal.SIGHUP)
+        rest, _ = run.communicate(timeout=90)
+        alive = _group_alive(run.pid)
+    finally:
+        _kill_group(run)
+    assert not alive, rest  # neither the worker nor anything else of make run is left
+    assert not runs_broker(broker, place.properties)
+    assert not port_open(place.port) and not port_open(web)
