@@ -10,7 +10,8 @@ help:
 	@echo "make run    - start a local Kafka broker (unless one answers) and a worker; Ctrl-C stops both"
 	@echo "make test   - run the whole test suite against a real local broker"
 	@echo "make lint   - ruff"
-	@echo "make bench  - the benchmark (prints figures)"
+	@echo "make bench  - the benchmark (prints figures; BENCH_ARGS=... for options)"
+	@echo "make chaos  - the fault suite (prints a table)"
 	@echo "make clean  - delete .local/ (broker data, logs, jars, worker keys)"
 
 $(BIN)/.installed: pyproject.toml
@@ -31,8 +32,9 @@ test: setup
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/python bench/bench.py
+	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .local

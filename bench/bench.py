@@ -768,12 +768,12 @@ async def measure_service(args: argparse.Namespace, d: Deployment,
         tp = await throughput(client, worker, args.n)
         say(f"   {tp.per_second:,.0f}/s")
         lats = []
-        for rate in args.rate:
-            say(f"2. latency: {args.latency_n} verifications at {rate:g}/s")
-            lats.append(await latency(client, worker, args.latency_n, rate))
-        if args.crc32_rate:
-            say(f"2. latency: {args.latency_n} verifications at {args.crc32_rate:g}/s, CRC32")
-            lats.append(await latency(client, worker, args.latency_n, args.crc32_rate, True))
+        for rate, crc32 in [*((rate, False) for rate in args.rate),
+                            *([(args.crc32_rate, True)] if args.crc32_rate else [])]:
+            count = max(10, round(rate * args.latency_seconds))
+            say(f"2. latency: {count} verifications at {rate:g}/s"
+                + (", partitioned by CRC32" if crc32 else ""))
+            lats.append(await latency(client, worker, count, rate, crc32))
     say(f"3. raw aiokafka loop: {args.raw_n} records")
     raw = await raw_loop(d, args.raw_n, args.raw_bytes)
     return tp, lats, raw
@@ -809,9 +809,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=5000, help="verifications for throughput")
     parser.add_argument("--warmup", type=int, default=200, help="verifications before timing")
-    parser.add_argument("--rate", type=rates, default=[200.0],
+    parser.add_argument("--rate", type=rates, default=[50.0, 200.0],
                         help="offered starts/s for latency (comma-separated for several)")
-    parser.add_argument("--latency-n", type=int, default=600, help="verifications for latency")
+    parser.add_argument("--latency-seconds", type=float, default=60.0,
+                        help="how long each latency phase offers its rate")
     parser.add_argument("--crc32-rate", type=float, default=50.0,
                         help="offered starts/s for the latency of a CRC32-partitioning client "
                              "(0: skip)")
