@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from datetime import UTC, datetime
+from typing import Any
 
 from faust.types import EventT
 from pydantic import ValidationError
@@ -44,7 +45,7 @@ def redact(topic: str, value: bytes | None) -> bytes | None:
         return value
     try:
         parsed = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json can parse
         parsed = None
     if isinstance(parsed, dict) and "code" in parsed:
         parsed["code"] = "<redacted>"
@@ -62,8 +63,21 @@ def letter(topic: str, partition: int, offset: int, key: bytes | None, value: by
 
 
 async def dead_letter(outbox: Outbox, event: EventT, error: str) -> None:
-    """Send the record to the dead-letter topic with the reason; the stream goes on."""
+    """Send the record to the dead-letter topic with the reason; the stream goes on. A record
+    the actor moved to its partition is named as the client wrote it (its origin header)."""
     message = event.message
-    dead = letter(message.topic, message.partition, message.offset, message.key,
-                  message.value, error)
+    topic, partition, offset = message.topic, message.partition, message.offset
+    if topic == names.rerouted:
+        topic, partition, offset = _origin(message.headers) or (topic, partition, offset)
+    dead = letter(topic, partition, offset, message.key, message.value, error)
     await outbox.send(names.dead_letter, message.key, dead.to_bytes())
+
+
+def _origin(headers: Any) -> tuple[str, int, int] | None:
+    """``topic:partition:offset`` from a rerouted record's ``origin`` header, if it has one."""
+    try:
+        origin = bytes(dict(headers or ())["origin"]).decode()
+        topic, partition, offset = origin.rsplit(":", 2)
+        return topic, int(partition), int(offset)
+    except (KeyError, TypeError, ValueError):
+        return None

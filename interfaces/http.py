@@ -294,6 +294,8 @@ async def _json_body(request: web.Request) -> Any:
         return json.loads(await _body(request))
     except ValueError:
         raise HttpError(400, "body is not valid JSON (UTF-8)") from None
+    except RecursionError:  # say "[[[[...": deeper than json parses, within the size limit
+        raise HttpError(400, "body is JSON nested too deeply") from None
 
 
 def _iso(value: Any) -> str | None:
