@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
+from phoneverify.models.codes import fingerprint
 from phoneverify.settings import Settings
 
 START = "verification.start"
@@ -36,9 +38,11 @@ ADMITTED = "verification.admitted"
 # Responses and terminates that a client's partitioner put on another partition than the
 # service's, moved to the right one (with their original time and coordinates).
 REROUTED = "verification.rerouted"
+# The fingerprint of the deployment's CODE_HASH_KEY: every worker must have the same key.
+KEYS = "verification.keys"
 
 ALL = (START, RESPONSE, TERMINATE, TICK, SMS, SMS_STATUS, EVENTS, OUTCOME, DEAD_LETTER,
-       REPLIES, ADMISSION, ADMITTED, REROUTED)
+       REPLIES, ADMISSION, ADMITTED, REROUTED)  # and KEYS, one partition
 
 log = logging.getLogger("phoneverify")
 
@@ -131,6 +135,9 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> tuple[list
             for table in TABLES
             if changelog(settings, table) not in existing
         ]
+        if settings.topic_prefix + KEYS not in existing:
+            wanted.append(NewTopic(settings.topic_prefix + KEYS, 1, replicas,
+                                   topic_configs=compacted))
         if wanted:
             response = await admin.create_topics(wanted, timeout_ms=int(timeout * 1000))
             for name, code, *_ in response.topic_errors:
@@ -141,6 +148,49 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> tuple[list
         return [t.name for t in wanted], replicas
     finally:
         await admin.close()
+
+
+class KeyMismatch(RuntimeError):
+    """This worker's CODE_HASH_KEY is not the one the deployment's other workers use."""
+
+
+async def check_code_key(settings: Settings, timeout: float = 30.0) -> str:
+    """Record the fingerprint of CODE_HASH_KEY in Kafka, or check it is the one recorded.
+
+    Workers with different keys would draw different codes for the same verification and
+    refuse each other's right codes; a worker whose key differs must not start.
+    """
+    ours = fingerprint(settings.code_key)
+    topic = settings.topic_prefix + KEYS
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                enable_auto_commit=False, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, 0)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        recorded = None
+        while await consumer.position(tp) < end:
+            fetched = await consumer.getmany(tp, timeout_ms=int(timeout * 1000))
+            for record in fetched.get(tp, []):
+                if record.key == b"code_hash_key" and record.value:
+                    recorded = record.value.decode()
+    finally:
+        await consumer.stop()
+    if recorded is None:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
+                                    acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, ours.encode(), key=b"code_hash_key")
+        finally:
+            await producer.stop()
+    elif recorded != ours:
+        raise KeyMismatch(
+            f"CODE_HASH_KEY differs from the one this deployment's workers use (its "
+            f"fingerprint is {recorded}, this worker's {ours}): give every worker the same "
+            "CODE_HASH_KEY, or codes drawn by one worker fail on another")
+    return ours
 
 
 async def _align_configs(admin: AIOKafkaAdminClient, settings: Settings, existing: set[str],

@@ -406,8 +406,9 @@ class Batch:
                 self.published.append(("outcome", outcome.reason, event.at.timestamp()
                                        if isinstance(cause, Answer) else None))
                 took = (outcome.completed_at - outcome.created_at).total_seconds()
-                log.info("verification %s: %s (%s, %d attempts, %.1f s)", state.instance_id,
-                         outcome.status, outcome.reason, outcome.attempts, took,
+                log.info("verification %s: %s (%s, %d attempt%s, %.1f s)", state.instance_id,
+                         outcome.status, outcome.reason, outcome.attempts,
+                         "" if outcome.attempts == 1 else "s", took,
                          extra={"instance_id": state.instance_id, "status": outcome.status,
                                 "reason": outcome.reason, "attempts": outcome.attempts,
                                 "duration_s": round(took, 3)})

@@ -12,7 +12,7 @@ import sys
 def run_worker(argv: list[str] | None = None) -> None:
     from phoneverify.ops.logs import json_logging, quiet_harmless_startup_errors
     from phoneverify.settings import Settings
-    from phoneverify.topics import ensure_topics
+    from phoneverify.topics import KeyMismatch, check_code_key, ensure_topics
 
     settings = Settings()
     if settings.log_format == "json":
@@ -29,6 +29,11 @@ def run_worker(argv: list[str] | None = None) -> None:
         say("created topics (%d replica%s each): %s", replicas, "s" if replicas > 1 else "",
             ", ".join(created))
     os.environ["REPLICATION_FACTOR"] = str(replicas)  # for Faust's own topics
+    try:
+        asyncio.run(check_code_key(settings))
+    except KeyMismatch as error:
+        log.error("%s", error)
+        raise SystemExit(2) from None
     from phoneverify.agents.app import (
         app,  # imported after the topics exist: Faust subscribes on start
     )

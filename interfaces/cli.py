@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         return failure.code
     except KeyboardInterrupt:
         return OK if args.command == "watch" else 130
+    except BrokenPipeError:  # the reader went away (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
 
 
 # ---------------------------------------------------------------- commands over Kafka

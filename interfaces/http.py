@@ -54,6 +54,8 @@ log = logging.getLogger("phoneverify.http")
 
 EVENT = "SmsChallengeResponse"
 SEED = "/admin/extensions/DurableTaskExtension/instances"
+#: The same instance routes under the path today's Durable Functions documents.
+WEBHOOKS = "/runtime/webhooks/durabletask/instances"
 ROUTED = "X-Phoneverify-Routed"  # set on a request one worker forwards to the owner
 
 
@@ -446,5 +448,9 @@ for path, view in (
      type("SeedRaiseEvent", (RaiseEvent,), {})),
     ("/verifications/{instance_id}/terminate", TerminateView),
     (f"{SEED}/{{instance_id}}/terminate", type("SeedTerminate", (TerminateView,), {})),
+    (f"{WEBHOOKS}/{{instance_id}}", type("WebhookStatus", (Status,), {})),
+    (f"{WEBHOOKS}/{{instance_id}}/raiseEvent/{{event_name}}",
+     type("WebhookRaiseEvent", (RaiseEvent,), {})),
+    (f"{WEBHOOKS}/{{instance_id}}/terminate", type("WebhookTerminate", (TerminateView,), {})),
 ):
     app.page(path, name=view.__name__)(view)

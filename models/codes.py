@@ -30,5 +30,10 @@ def hash_code(key: bytes, instance_id: str, code: str) -> str:
     return hmac.new(_subkey(key, b"hash"), message, hashlib.sha256).hexdigest()
 
 
+def fingerprint(key: bytes) -> str:
+    """Names the key without revealing it, so workers can check they share one."""
+    return _subkey(key, b"fingerprint").hex()[:16]
+
+
 def sms_body(code: str) -> str:
     return f"Your verification code is {code}"

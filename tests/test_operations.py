@@ -9,6 +9,7 @@ import re
 import uuid
 
 import aiohttp
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from phoneverify.topics import ensure_topics
@@ -119,3 +120,13 @@ async def test_json_logs_one_object_per_line_and_never_a_code(
     # The console backend stands in for the phone: only its line shows the code.
     holding = [line for line in lines if code in line["message"].replace(iid, "")]
     assert all("[sms to " in line["message"] for line in holding)
+
+
+async def test_a_worker_with_another_code_key_refuses_to_start(
+        deployment: Deployment, start_worker) -> None:
+    """Two keys would draw two codes for one verification: the second worker says so, and
+    does not start."""
+    start_worker()
+    with pytest.raises(RuntimeError, match="CODE_HASH_KEY differs from the one this "
+                                           "deployment's workers use"):
+        start_worker("other", CODE_HASH_KEY="not-the-deployment-key")
