@@ -50,6 +50,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import aiohttp
 import confluent_kafka
@@ -60,12 +61,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from twilio.request_validator import RequestValidator
 from yarl import URL
 
 from phoneverify.models.messages import Tick
 from phoneverify.models.phone import InvalidPhoneNumber, NumberPolicy, admissible
 from phoneverify.topics import partition_for
 
+from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from support import Client, Deployment, Worker
 
 SHORT = int(os.environ.get("FUZZ_EXAMPLES", "200"))
@@ -665,6 +668,8 @@ async def test_fuzz_every_input_topic(deployment, start_worker, count: int) -> N
 
 
 SEED_PATH = "/admin/extensions/DurableTaskExtension/instances"
+WEBHOOKS = "/runtime/webhooks/durabletask/instances"
+PUBLIC_BASE_URL = "https://verify.example.com"  # what Twilio's receipts are signed for
 #: Routes: what a request aims at, its path (``{id}``, ``{event}`` filled in), the methods the
 #: route has, and whether it is the API (key needed, errors as JSON).
 ROUTES = {
@@ -676,6 +681,10 @@ ROUTES = {
     "seed code": (SEED_PATH + "/{id}/raiseEvent/{event}", {"POST"}, True),
     "terminate": ("/verifications/{id}/terminate", {"POST"}, True),
     "seed terminate": (SEED_PATH + "/{id}/terminate", {"POST"}, True),
+    "webhook status": (WEBHOOKS + "/{id}", {"GET", "HEAD"}, True),
+    "webhook code": (WEBHOOKS + "/{id}/raiseEvent/{event}", {"POST"}, True),
+    "webhook terminate": (WEBHOOKS + "/{id}/terminate", {"POST"}, True),
+    "receipt": ("/twilio/status", {"POST"}, False),  # Twilio's, signed (no API key)
     "page": ("/", {"GET", "HEAD"}, False),
     "healthz": ("/healthz", {"GET", "HEAD"}, False),
     "readyz": ("/readyz", {"GET", "HEAD"}, False),
@@ -770,8 +779,41 @@ def http_cases(draw: st.DrawFn, started: list[str]) -> HttpCase:
     if content_type:
         headers = {**headers, "Content-Type": content_type}
     simple = how in ("started", "id") and event == "SmsChallengeResponse"
-    return HttpCase(route, method, path, query, headers, draw(http_bodies(started)),
+    body = draw(http_bodies(started))
+    if route == "receipt":
+        query, body, signature = draw(receipts(started))
+        headers = {**headers, "X-Twilio-Signature": signature}
+        simple = True
+    return HttpCase(route, method, path, query, headers, body,
                     draw(st.booleans()) and method != "GET", simple)
+
+
+@st.composite
+def receipts(draw: st.DrawFn, started: list[str]) -> tuple[str, bytes | None, str]:
+    """A Twilio status callback: the query naming the SMS, the form, and the signature (the
+    right one for half of them, so that most get past it)."""
+    iid = draw(st.one_of(st.sampled_from(started), ids, st.text(max_size=20)))
+    named = {"instance_id": iid,
+             "command_id": draw(st.one_of(st.just(f"{iid}/sms/1"), st.text(max_size=20)))}
+    named = {k: v for k, v in named.items() if draw(st.integers(0, 5))}
+    query = urlencode(named)
+    form = {"MessageStatus": draw(st.one_of(st.sampled_from(
+                ["delivered", "undelivered", "failed", "queued", "sent", "DELIVERED", ""]),
+                st.text(max_size=20))),
+            "MessageSid": draw(st.text(max_size=40)), "ErrorCode": draw(st.text(max_size=8)),
+            "AccountSid": ACCOUNT_SID}
+    form = {k: v for k, v in form.items() if draw(st.integers(0, 5))}
+    body = draw(st.one_of(st.just(urlencode(form).encode()), st.just(urlencode(form).encode()),
+                          http_bodies(started)))
+    try:
+        params = dict(parse_qsl((body or b"").decode(), keep_blank_values=True))
+    except UnicodeDecodeError:
+        params = None
+    url = f"{PUBLIC_BASE_URL}/twilio/status" + (f"?{query}" if query else "")
+    if params is not None and draw(st.booleans()):
+        return query, body, RequestValidator(AUTH_TOKEN).compute_signature(url, params)
+    return query, body, draw(st.text(alphabet=st.characters(codec="ascii", min_codepoint=32),
+                                     max_size=40))
 
 
 @dataclass
@@ -809,7 +851,7 @@ async def one_request(http: aiohttp.ClientSession, base: str, case: HttpCase,
             tally.failures.append(f"unreadable answer ({error!r}): {case.describe()}")
         return
     except (ValueError, TypeError) as error:  # the client would not send it
-        tally.refused_by_client[type(error).__name__] += 1
+        tally.refused_by_client[f"{type(error).__name__}: {str(error)[:50]}"] += 1
         return
     tally.statuses[(case.route, status)] += 1
     _, methods, api = ROUTES[case.route]
@@ -892,7 +934,9 @@ async def fuzz_http(deployment: Deployment, worker: Worker, count: int, seed: in
     errors = server_errors(worker)
     by_status = Counter(status for (_, status), n in tally.statuses.items() for _ in range(n))
     print(f"http: {len(cases)} requests in {time.monotonic() - began:.1f} s; statuses "
-          f"{dict(sorted(by_status.items()))}; aiohttp's own answers {dict(tally.plain)}; "
+          f"{dict(sorted(by_status.items()))} (Twilio receipts: "
+          f"{ {s: n for (r, s), n in sorted(tally.statuses.items()) if r == 'receipt'} }); "
+          f"aiohttp's own answers {dict(tally.plain)}; "
           f"not sent or cut short {dict(tally.refused_by_client)}; "
           f"503/504: {len(tally.unavailable)} {tally.unavailable[:3]}")
     assert "Crashed reason" not in worker.log(), tracebacks(worker)
@@ -904,9 +948,13 @@ async def fuzz_http(deployment: Deployment, worker: Worker, count: int, seed: in
 @pytest.mark.parametrize("count", [pytest.param(SHORT * 3 // 2, id="short"), pytest.param(
     LONG * 3 // 2, id="long", marks=[pytest.mark.slow, pytest.mark.timeout(max(300, LONG))])])
 async def test_fuzz_every_http_endpoint(deployment, start_worker, count: int) -> None:
+    """SMS through the fake Twilio, so that its delivery receipts' route is served too."""
     deployment.settings.update(SETTINGS)
-    worker = start_worker()
-    await fuzz_http(deployment, worker, count, seed_for(f"http x{count}"))
+    async with FakeTwilio() as fake:
+        worker = start_worker(SMS_BACKEND="twilio", TWILIO_ACCOUNT_SID=ACCOUNT_SID,
+                              TWILIO_AUTH_TOKEN=AUTH_TOKEN, TWILIO_PHONE_NUMBER="+14255550199",
+                              TWILIO_BASE_URL=fake.base_url, PUBLIC_BASE_URL=PUBLIC_BASE_URL)
+        await fuzz_http(deployment, worker, count, seed_for(f"http x{count}"))
 
 
 # ---------------------------------------------------------------- what the fuzz found, open
