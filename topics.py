@@ -55,6 +55,8 @@ def configs(settings: Settings) -> dict[str, dict[str, str]]:
         START: broker_time,
         RESPONSE: broker_time,
         TERMINATE: broker_time,
+        TICK: broker_time,  # a tick's time is checked against it
+        ADMISSION: broker_time,
         # Plain codes: kept no longer than needed to deliver them (rule 13).
         SMS: {"retention.ms": str(int(settings.sms_topic_retention_seconds * 1000))},
         EVENTS: forever,  # the audit trail; replay reads it

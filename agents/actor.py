@@ -41,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import from_json
 
 from phoneverify.agents.app import app, names, settings
-from phoneverify.agents.batch import Outbox, aggregate_table, batches
+from phoneverify.agents.batch import Outbox, aggregate_table, batches, guarded
 from phoneverify.agents.deadlines import DueIndex
 from phoneverify.agents.records import (
     dead_letter,
@@ -50,20 +50,23 @@ from phoneverify.agents.records import (
     origin_of,
     record_time,
     redact,
+    tick_time,
 )
 from phoneverify.agents.sender import sent
 from phoneverify.models.codes import draw_code, hash_code, sms_body
 from phoneverify.models.messages import (
     Admission,
+    DeadLetter,
+    RoutedCode,
     SendSms,
     Settle,
     SmsFailed,
     SmsSent,
     SubmitCode,
     Terminate,
-    Tick,
 )
 from phoneverify.models.verification import (
+    MAX_HELD,
     TERMINAL,
     Answer,
     Answered,
@@ -73,6 +76,7 @@ from phoneverify.models.verification import (
     Event,
     Expire,
     FailSms,
+    Held,
     Reject,
     SmsRequested,
     Start,
@@ -158,14 +162,7 @@ def current(key: bytes) -> Stored | None:
 @app.agent(inputs, concurrency=1)
 async def actor(stream: StreamT[bytes]) -> None:
     async for records in batches(stream):
-        try:
-            await Batch().run(records)
-        except Exception as error:
-            # Kafka refused a write: stop the worker, so that it starts again from the last
-            # commit (a restarted agent would go on past the records of the failed batch).
-            log.exception("actor: a batch could not be written; stopping the worker")
-            await app.crash(error)
-            raise
+        await guarded("actor", Batch().run(records))
 
 
 class Batch:
@@ -178,6 +175,8 @@ class Batch:
         self.written_outboxes: set[int] = set()
         #: For the metrics, once published: (kind, label, record time of the command).
         self.published: list[tuple[str, str, float | None]] = []
+        #: Dead letters of commands refused without a change of state.
+        self.refused: list[DeadLetter] = []
 
     async def run(self, records: Iterable[EventT]) -> None:
         global _inflight
@@ -191,7 +190,7 @@ class Batch:
             for event in records:
                 try:
                     await self.take(event)
-                except (ValidationError, ValueError) as error:
+                except (ValidationError, ValueError, OverflowError) as error:
                     await dead_letter(self.stateless, event, describe(error))
             await verifications.write(self.writes())  # 1. the state, and what it publishes
             await sent.write({key: (partition, None) for key, (partition, stored)
@@ -202,6 +201,9 @@ class Batch:
             if stored is not None and stored.due is not None:
                 due.schedule(partition, stored.due, key)
         outbox = self.stateless  # 2. the outputs, the SMS among them
+        for dead in self.refused:
+            await outbox.send(names.dead_letter, dead.key.encode() if dead.key else None,
+                              dead.to_bytes())
         for outputs in self.outputs.values():
             for topic, key, value, target, _iid, _version in outputs:
                 if topic == SMS_MARK:
@@ -268,7 +270,7 @@ class Batch:
         message = event.message
         topic, key, partition = message.topic, message.key, message.partition
         if topic == names.tick:
-            self.tick(partition, Tick.from_bytes(message.value).now)
+            self.tick(partition, tick_time(event))
             return
         if key is None:
             raise ValueError("record key must be the instance_id (UTF-8)")
@@ -289,7 +291,13 @@ class Batch:
         target = partition_for(message.key, settings.partitions)
         log.info("moving %s[%d]@%d to partition %d (the client's partitioner is not "
                  "murmur2)", message.topic, message.partition, message.offset, target)
-        await self.stateless.send(names.rerouted, message.key, message.value, partition=target,
+        value = message.value
+        if message.topic == names.response:  # the code travels on as its keyed hash only
+            submit = SubmitCode.from_bytes(value)  # a bad one is a dead letter here
+            value = RoutedCode(instance_id=submit.instance_id, request_id=submit.request_id,
+                               code_hash=hash_code(settings.code_key, submit.instance_id,
+                                                   submit.code)).to_bytes()
+        await self.stateless.send(names.rerouted, message.key, value, partition=target,
                                   timestamp=message.timestamp,
                                   headers=[("origin", origin_of(event).encode())])
 
@@ -335,6 +343,10 @@ class Batch:
         if sequence is not None:
             changes["seen"] = {**stored.seen, sequence[0]: sequence[1]}
         events = decide(command, stored.state)
+        if isinstance(command, Answer | Stop) and stored.state.status == "new" and not any(
+                isinstance(event, Held) for event in events):
+            self.refuse(command, f"more than {MAX_HELD} commands wait for the start of "
+                                 f"{command.instance_id}: this one is not kept")
         if not events and not changes:
             return
         state = self.publish(key, partition, stored, events, command)
@@ -424,6 +436,14 @@ class Batch:
         self.output(partition, names.admission, settle.model_dump_json(), state, key=phone,
                     target=partition_for(phone.encode(), settings.partitions))
 
+    def refuse(self, command: Answer | Stop, why: str) -> None:
+        """A command not kept: its record goes to the dead letters (it comes again, identical,
+        if a crash makes the batch run again)."""
+        topic, source, offset = command.origin.rsplit(":", 2)
+        dead = letter(topic, int(source), int(offset), command.instance_id.encode(),
+                      command.raw.encode(), why)
+        self.refused.append(dead)
+
     def drop(self, partition: int, state: Verification, dropped: Dropped,
              after: Verification) -> None:
         """A held command whose start never came: its record goes to the dead letters."""
@@ -453,14 +473,16 @@ def to_command(event: EventT) -> tuple[Command, str | None, tuple[str, int] | No
         return FailSms(instance_id=status.instance_id, command_id=status.command_id,
                        error=status.error, at=at), None, None
     origin = origin_of(event)
-    if topic == names.rerouted:
+    routed = topic == names.rerouted
+    if routed:
         headers = dict(message.headers or ())
         if "origin" not in headers:
             raise ValueError("a rerouted record needs its origin header")
         origin = bytes(headers["origin"]).decode()
         topic = origin.rsplit(":", 2)[0]
     source, _, offset = origin.rpartition(":")
-    return hold_command(topic, message.value, at, origin), origin, (source, int(offset))
+    command = hold_command(topic, message.value, at, origin, routed)
+    return command, origin, (source, int(offset))
 
 
 def start_command(verdict: Admission) -> Start | Reject:
@@ -476,11 +498,17 @@ def start_command(verdict: Admission) -> Start | Reject:
                  max_attempts=verdict.attempts, request_id=verdict.request_id)
 
 
-def hold_command(topic: str, value: bytes | None, at: datetime, origin: str) -> Answer | Stop:
-    """A response or terminate; ``raw`` (code removed) is kept in case it waits in vain."""
+def hold_command(topic: str, value: bytes | None, at: datetime, origin: str,
+                 routed: bool = False) -> Answer | Stop:
+    """A response or terminate (``routed``: as the actor moved it, the code hashed); ``raw``
+    (code removed) is kept in case it waits in vain."""
     raw = redact(topic, value) or b""
     common = {"at": at, "hold_seconds": settings.early_command_grace_seconds,
               "origin": origin, "raw": raw[:4096].decode("utf-8", "replace")}
+    if topic == names.response and routed:
+        code = RoutedCode.from_bytes(value)
+        return Answer(instance_id=code.instance_id, request_id=code.request_id,
+                      code_hash=code.code_hash, **common)
     if topic == names.response:
         submit = SubmitCode.from_bytes(value)
         return Answer(instance_id=submit.instance_id, request_id=submit.request_id,

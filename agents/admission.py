@@ -16,12 +16,18 @@ from faust.types import EventT, StreamT
 from pydantic import Field, TypeAdapter, ValidationError
 
 from phoneverify.agents.app import admission_topic, app, names, settings
-from phoneverify.agents.batch import AggregateTable, Outbox, aggregate_table, batches
+from phoneverify.agents.batch import (
+    AggregateTable,
+    Outbox,
+    aggregate_table,
+    batches,
+    guarded,
+)
 from phoneverify.agents.deadlines import DueIndex
-from phoneverify.agents.records import dead_letter, describe
+from phoneverify.agents.records import dead_letter, describe, tick_time
 from phoneverify.models import admission
 from phoneverify.models.admission import Number
-from phoneverify.models.messages import Admission, PhoneStart, Settle, Tick
+from phoneverify.models.messages import Admission, PhoneStart, Settle
 from phoneverify.topics import partition_for
 
 _REQUEST: TypeAdapter[PhoneStart | Settle] = TypeAdapter(
@@ -61,22 +67,25 @@ class Numbers:
 @app.agent(admission_topic, concurrency=1)
 async def admit(stream: StreamT[bytes]) -> None:
     async for batch in batches(stream):
-        outbox, touched = Outbox(), Numbers()
-        for event in batch:
-            try:
-                await take(outbox, touched, event)
-            except (ValidationError, ValueError) as error:
-                await dead_letter(outbox, event, describe(error))
-        # A verdict repeated after a crash is recognised by its start's origin: no order needed.
-        await outbox.flush()
-        await touched.write()
+        await guarded("admission", handle(batch))
+
+
+async def handle(batch: list[EventT]) -> None:
+    outbox, touched = Outbox(), Numbers()
+    for event in batch:
+        try:
+            await take(outbox, touched, event)
+        except (ValidationError, ValueError, OverflowError) as error:
+            await dead_letter(outbox, event, describe(error))
+    # A verdict repeated after a crash is recognised by its start's origin: no order needed.
+    await outbox.flush()
+    await touched.write()
 
 
 async def take(outbox: Outbox, touched: Numbers, event: EventT) -> None:
     message = event.message
     if message.key == b"tick":
-        tick = Tick.from_bytes(message.value)
-        prune(touched, message.partition, tick.now)
+        prune(touched, message.partition, tick_time(event))
         return
     key, partition = message.key or b"", message.partition
     request = _REQUEST.validate_json(message.value or b"")

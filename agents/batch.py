@@ -15,8 +15,10 @@ worker trust its store and replay only the changelog's tail.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any
 
 import faust
@@ -72,6 +74,20 @@ async def batches(stream: StreamT[bytes], size: int = BATCH_SIZE,
                     await stream.ack(event)
     finally:
         stream._processors.remove(buffer)  # type: ignore[attr-defined]
+
+
+async def guarded(agent: str, work: Awaitable[None]) -> None:
+    """Handle one batch; if that fails for another reason than its input (Kafka refused a
+    write, say), stop the process at once: it starts again from the last commit. (Faust would
+    restart the agent, which goes on past the failed batch's records; and a worker whose
+    agent died keeps answering health checks while it consumes nothing.)"""
+    try:
+        await work
+    except Exception:
+        logging.getLogger("phoneverify").critical(
+            "%s: a batch could not be handled; stopping the worker", agent, exc_info=True)
+        logging.shutdown()
+        os._exit(70)  # EX_SOFTWARE; a supervisor starts it again
 
 
 async def _rest_of_burst(taken: list[EventT], size: int, within: float) -> None:

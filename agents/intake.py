@@ -11,7 +11,7 @@ from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
 from phoneverify.agents.app import app, names, settings, start_topic
-from phoneverify.agents.batch import Outbox, batches
+from phoneverify.agents.batch import Outbox, batches, guarded
 from phoneverify.agents.records import dead_letter, describe, origin_of, record_time
 from phoneverify.models.messages import Admission, PhoneStart, StartVerification
 from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, admissible
@@ -21,16 +21,20 @@ from phoneverify.topics import partition_for
 @app.agent(start_topic, concurrency=1)
 async def intake(stream: StreamT[bytes]) -> None:
     async for batch in batches(stream):
-        outbox = Outbox()
-        for event in batch:
-            await take(outbox, event)
-        await outbox.flush()
+        await guarded("intake", handle(batch))
+
+
+async def handle(batch: list[EventT]) -> None:
+    outbox = Outbox()
+    for event in batch:
+        await take(outbox, event)
+    await outbox.flush()
 
 
 async def take(outbox: Outbox, event: EventT) -> None:
     try:
         start = StartVerification.from_bytes(event.value)
-    except (ValidationError, ValueError) as error:
+    except (ValidationError, ValueError, OverflowError) as error:
         await dead_letter(outbox, event, describe(error))
         return
     key = start.instance_id.encode()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from faust.types import EventT
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from phoneverify.agents.app import names
 from phoneverify.agents.batch import Outbox
-from phoneverify.models.messages import DeadLetter, explain
+from phoneverify.models.messages import DeadLetter, Tick, explain
 from phoneverify.ops import metrics
 
 log = logging.getLogger("phoneverify")
@@ -24,6 +24,17 @@ _DIGITS = re.compile(r"[0-9]")
 def record_time(event: EventT) -> datetime:
     """The record's timestamp (the broker's clock on input topics) as UTC."""
     return datetime.fromtimestamp(event.message.timestamp, UTC)
+
+
+#: How far a tick's ``now`` may run ahead of the broker's time of its record (seconds).
+TICK_SKEW = 2.0
+
+
+def tick_time(event: EventT) -> datetime:
+    """A tick's time, at most ``TICK_SKEW`` past its record's (broker) time: a tick written
+    by someone else cannot expire, forget or prune what is not due yet."""
+    latest = record_time(event) + timedelta(seconds=TICK_SKEW)
+    return min(Tick.from_bytes(event.message.value).now, latest)
 
 
 def origin_of(event: EventT) -> str:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import time
 
-from faust.types import StreamT
+from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
 from phoneverify.agents.app import app, names, settings, sms_topic
-from phoneverify.agents.batch import Outbox, aggregate_table, batches
+from phoneverify.agents.batch import Outbox, aggregate_table, batches, guarded
 from phoneverify.agents.records import dead_letter, describe, log
 from phoneverify.models.messages import SendSms, SmsFailed, SmsSent
 from phoneverify.ops import metrics
@@ -28,38 +28,43 @@ backend = backend_from(settings)
 @app.agent(sms_topic, concurrency=1)
 async def sender(stream: StreamT[bytes]) -> None:
     async for batch in batches(stream):
-        outbox = Outbox()
-        commands: dict[str, tuple[SendSms, int]] = {}  # by command_id: a batch may repeat one
-        for event in batch:
-            try:
-                command = SendSms.from_bytes(event.value)
-            except (ValidationError, ValueError) as error:
-                await dead_letter(outbox, event, describe(error))
-                continue
-            key, partition = command.instance_id.encode(), event.message.partition
-            recorded = sent.read(key, partition)
-            if recorded is not None and _status_of(recorded).command_id == command.command_id:
-                await outbox.send(names.sms_status, key, recorded, partition=partition)
-                continue
-            commands[command.command_id] = (command, partition)
-        deliveries = await asyncio.gather(*(timed(c) for c, _ in commands.values()))
-        written: dict[bytes, tuple[int, bytes | None]] = {}
-        for (command, partition), delivery in zip(commands.values(), deliveries, strict=True):
-            metrics.sms.labels("sent" if delivery.ok else "failed").inc()
-            if delivery.ok:
-                status: SmsSent | SmsFailed = SmsSent(
-                    command_id=command.command_id, instance_id=command.instance_id,
-                    provider_id=delivery.provider_id)
-            else:
-                log.warning("SMS %s not delivered: %s", command.command_id, delivery.error)
-                status = SmsFailed(command_id=command.command_id,
-                                   instance_id=command.instance_id, error=delivery.error,
-                                   permanent=delivery.permanent)
-            key = command.instance_id.encode()
-            await outbox.send(names.sms_status, key, status.to_bytes(), partition=partition)
-            written[key] = (partition, status.to_bytes())
-        await outbox.flush()
-        await sent.write(written)
+        await guarded("sender", handle(batch))
+
+
+async def handle(batch: list[EventT]) -> None:
+    outbox = Outbox()
+    commands: dict[str, tuple[SendSms, int]] = {}  # by command_id: a batch may repeat one
+    for event in batch:
+        try:
+            command = SendSms.from_bytes(event.value)
+        except (ValidationError, ValueError, OverflowError) as error:
+            await dead_letter(outbox, event, describe(error))
+            continue
+        key, partition = command.instance_id.encode(), event.message.partition
+        recorded = sent.read(key, partition)
+        if recorded is not None and _status_of(recorded).command_id == command.command_id:
+            await outbox.send(names.sms_status, key, recorded, partition=partition)
+            continue
+        commands[command.command_id] = (command, partition)
+    deliveries = await asyncio.gather(*(timed(c) for c, _ in commands.values()))
+    written: dict[bytes, tuple[int, bytes | None]] = {}
+    for (command, partition), delivery in zip(commands.values(), deliveries, strict=True):
+        metrics.sms.labels("sent" if delivery.ok else "failed").inc()
+        if delivery.ok:
+            status: SmsSent | SmsFailed = SmsSent(
+                command_id=command.command_id, instance_id=command.instance_id,
+                provider_id=delivery.provider_id)
+        else:
+            log.warning("SMS %s not delivered: %s", command.command_id, delivery.error)
+            status = SmsFailed(command_id=command.command_id,
+                               instance_id=command.instance_id, error=delivery.error,
+                               permanent=delivery.permanent)
+        key = command.instance_id.encode()
+        await outbox.send(names.sms_status, key, status.to_bytes(), partition=partition)
+        written[key] = (partition, status.to_bytes())
+    await outbox.flush()
+    await sent.write(written)
+
 
 
 async def timed(command: SendSms) -> Delivery:

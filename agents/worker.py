@@ -10,7 +10,11 @@ import sys
 
 
 def run_worker(argv: list[str] | None = None) -> None:
-    from phoneverify.ops.logs import json_logging, quiet_harmless_startup_errors
+    from phoneverify.ops.logs import (
+        json_logging,
+        quiet_bad_requests,
+        quiet_harmless_startup_errors,
+    )
     from phoneverify.settings import Settings
     from phoneverify.topics import KeyMismatch, check_code_key, ensure_topics
 
@@ -20,6 +24,7 @@ def run_worker(argv: list[str] | None = None) -> None:
     else:
         logging.basicConfig(level=settings.log_level, format="[%(levelname)s] %(message)s")
     quiet_harmless_startup_errors()
+    quiet_bad_requests()
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)  # headers of each send
     log = logging.getLogger("phoneverify")
     say = log.info

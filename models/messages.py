@@ -30,7 +30,10 @@ Digits = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,32}$")]
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("timestamp needs a time zone (UTC)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp out of range in UTC") from None
 
 
 def iso(value: datetime) -> str:
@@ -218,6 +221,14 @@ class Settle(Message):
     phone_number: str
     origin: str
     wrong_codes: tuple[UtcTime, ...] = ()
+
+
+class RoutedCode(Message):
+    """A response the actor moved to its partition: the code only as its keyed hash."""
+
+    instance_id: InstanceId
+    code_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    request_id: RequestId | None = None
 
 
 class Admission(Message):

@@ -39,6 +39,9 @@ from phoneverify.models.messages import (
 
 Status = Literal["new", "pending", "verified", "failed", "terminated"]
 FINAL: frozenset[Status] = frozenset({"verified", "failed", "terminated"})
+#: Most commands held for one start: a person sends a few codes, and perhaps a terminate;
+#: more is someone filling the state (they are answered ``unknown`` at once).
+MAX_HELD = 16
 
 
 class _Frozen(BaseModel):
@@ -309,6 +312,8 @@ def decide(command: Command, state: Verification) -> list[Event]:
             return _answered(command, "duplicate")  # a used instance_id sends nothing
     if state.status == "new":
         match command:
+            case Answer() | Stop() if len(state.held) >= MAX_HELD:
+                return _answered(command, "unknown")
             case Answer() | Stop():
                 return [Held(instance_id=iid, command=command, at=at)]
             case Expire():

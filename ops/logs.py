@@ -18,6 +18,7 @@ import json
 import logging
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
 from aiokafka.errors import GroupCoordinatorNotAvailableError
 
 COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
@@ -91,3 +92,20 @@ def json_logging(level: str) -> dict[str, object]:
                                 "stream": "ext://sys.stdout"}},
         "root": {"level": level.upper(), "handlers": ["stdout"]},
     }
+
+
+class BadRequestsAreInfo(logging.Filter):
+    """aiohttp logs each malformed request (a bad request line, an invalid header) as an
+    error with a traceback: anyone could fill the log. One line at INFO says enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "bad HTTP request refused: %s", (error.message,)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_bad_requests() -> None:
+    logging.getLogger("aiohttp.server").addFilter(BadRequestsAreInfo())

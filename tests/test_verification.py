@@ -20,6 +20,7 @@ from pydantic import TypeAdapter
 from phoneverify.models.codes import hash_code
 from phoneverify.models.messages import Reply
 from phoneverify.models.verification import (
+    MAX_HELD,
     TERMINAL,
     Answer,
     Answered,
@@ -922,3 +923,16 @@ def test_a_terminate_or_sms_failure_after_the_deadline_finds_it_expired():
     failure = FailSms(instance_id=IID, command_id=CMD, error="late", at=at(TIMEOUT + 1))
     [expired] = decide(failure, state)
     assert (expired.type, expired.reason) == ("failed", "expired")
+
+
+def test_at_most_max_held_commands_wait_for_a_start():
+    state = initial_state(IID)
+    for n in range(MAX_HELD):
+        state = fold(state, decide(Answer(instance_id=IID, code_hash=WRONG, at=at(n),
+                                          hold_seconds=10, origin=f"r:0:{n}"), state))
+    assert len(state.held) == MAX_HELD
+    one_more = Answer(instance_id=IID, code_hash=WRONG, at=at(20), request_id="r-more",
+                      hold_seconds=10, origin="r:0:99")
+    [answered] = decide(one_more, state)
+    assert (answered.type, answered.result) == ("answered", "unknown")
+    assert decide(one_more.model_copy(update={"request_id": None}), state) == []
