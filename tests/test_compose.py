@@ -210,3 +210,88 @@ def test_docker_compose_validates_the_file(tmp_path):
                          timeout=60)
     assert run.returncode != 0
     assert "CODE_HASH_KEY" in run.stderr or "API_KEY" in run.stderr
+
+
+# ---------------------------------------------------------------- profile: cluster
+
+
+def _cluster_nodes() -> dict[str, dict]:
+    return {name: service for name, service in _compose()["services"].items()
+            if "cluster" in service.get("profiles", []) and "kafka" in service.get("image", "")}
+
+
+def test_the_single_node_pair_has_no_profile():
+    """``docker compose up`` starts exactly the single broker and its worker."""
+    services = _compose()["services"]
+    assert [name for name, service in services.items() if not service.get("profiles")] == [
+        "kafka", "worker"]
+
+
+def test_cluster_profile_is_three_kraft_nodes_with_one_quorum():
+    nodes = _cluster_nodes()
+    assert len(nodes) == 3
+    envs = {name: _environment(service) for name, service in nodes.items()}
+    ids = {name: int(env["KAFKA_NODE_ID"]) for name, env in envs.items()}
+    assert sorted(ids.values()) == [1, 2, 3]
+    voters = {env["KAFKA_CONTROLLER_QUORUM_VOTERS"] for env in envs.values()}
+    assert len(voters) == 1  # every node votes in the same quorum of three
+    expected = {f"{ids[name]}@{nodes[name]['hostname']}:9093" for name in nodes}
+    assert set(voters.pop().split(",")) == expected
+    assert len({env["CLUSTER_ID"] for env in envs.values()}) == 1
+    for name, env in envs.items():
+        assert nodes[name]["image"] == _service("kafka")["image"]  # the pom's version
+        assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"
+        assert f"PLAINTEXT://{nodes[name]['hostname']}:9092" in (
+            env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+        assert "CONTROLLER://:9093" in env["KAFKA_LISTENERS"].split(",")
+        assert env["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+        assert env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+        assert "healthcheck" in nodes[name]
+        for key in ("KAFKA_DEFAULT_REPLICATION_FACTOR", "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR",
+                    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"):
+            assert env[key] == "3", key
+        for key in ("KAFKA_MIN_INSYNC_REPLICAS", "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"):
+            assert env[key] == "2", key
+    volumes = [service["volumes"][0].split(":")[0] for service in nodes.values()]
+    assert len(set(volumes)) == 3 and set(volumes) <= set(_compose()["volumes"])
+    host_ports = [port for service in nodes.values() for port in service["ports"]]
+    host_ports += [port for name in ("kafka", "worker") for port in _service(name)["ports"]]
+    host_ports += _service("worker-cluster")["ports"]
+    assert len({str(port).split(":")[0] for port in host_ports}) == len(host_ports)
+
+
+def test_cluster_worker_knows_all_three_brokers_and_replicates_three_times(monkeypatch):
+    worker = _service("worker-cluster")
+    assert worker["profiles"] == ["cluster"]
+    nodes = _cluster_nodes()
+    assert {name for name, dep in worker["depends_on"].items()
+            if dep["condition"] == "service_healthy"} == set(nodes)
+    env = {key: _interpolate(value, DUMMY_ENV) for key, value in _environment(worker).items()}
+    assert sorted(env["KAFKA_BOOTSTRAP_SERVERS"].split(",")) == sorted(
+        f"{service['hostname']}:9092" for service in nodes.values())
+    assert set(env) - {name.upper() for name in Settings.model_fields} == set()
+    assert env["REPLICATION_FACTOR"] == "3"  # the worker makes min.insync.replicas RF - 1 = 2
+    for name in ("CODE_HASH_KEY", "API_KEY"):
+        assert re.fullmatch(rf"\$\{{{name}:\?[^}}]*\}}", _environment(worker)[name])
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert settings.replication_factor == 3
+    assert len(settings.kafka_bootstrap_servers.split(",")) == 3
+
+
+def test_docker_compose_validates_the_cluster_profile(tmp_path):
+    compose = _docker_compose()
+    if compose is None:
+        pytest.skip("no `docker compose` client here")
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
+    run = subprocess.run([*compose, "-f", str(COMPOSE), "--env-file", str(empty),
+                          "--profile", "cluster", "config", "--services"],
+                         capture_output=True, text=True, env=env | DUMMY_ENV, cwd=tmp_path,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert {"kafka-1", "kafka-2", "kafka-3", "worker-cluster"} <= set(run.stdout.split())
