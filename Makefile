@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-long lint bench chaos clean
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make run    - start a local Kafka broker (unless one answers) and a worker; Ctrl-C stops both"
 	@echo "make test   - run the whole test suite against a real local broker"
+	@echo "make test-long - the long fuzz and fault runs (make test skips them)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - the benchmark (prints figures; BENCH_ARGS=... for options)"
 	@echo "make chaos  - the fault suite (prints a table)"
@@ -29,12 +30,21 @@ run: setup
 test: setup
 	$(BIN)/pytest
 
+# The long forms of the fuzz and fault runs (FUZZ_LONG_EXAMPLES, the 3-node broker kill, the
+# zombie worker): about 10 minutes here.
+test-long: setup
+	$(BIN)/pytest -m long
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Starts its own brokers (ports 59092-59102 by default, ARGS=--port to move them) in /tmp.
+chaos: setup
+	$(BIN)/python bench/chaos.py $(ARGS)
 
 clean:
 	rm -rf .local

@@ -645,7 +645,7 @@ async def fuzz_topics(deployment: Deployment, worker: Worker, count: int, seed: 
 
 
 @pytest.mark.parametrize("count", [pytest.param(SHORT, id="short"), pytest.param(
-    LONG, id="long", marks=[pytest.mark.slow, pytest.mark.timeout(max(300, LONG))])])
+    LONG, id="long", marks=[pytest.mark.long, pytest.mark.timeout(max(300, LONG))])])
 async def test_fuzz_every_input_topic(deployment, start_worker, count: int) -> None:
     deployment.settings.update(SETTINGS)
     worker = start_worker()
@@ -934,7 +934,7 @@ async def fuzz_http(deployment: Deployment, worker: Worker, count: int, seed: in
 
 
 @pytest.mark.parametrize("count", [pytest.param(SHORT * 3 // 2, id="short"), pytest.param(
-    LONG * 3 // 2, id="long", marks=[pytest.mark.slow, pytest.mark.timeout(max(300, LONG))])])
+    LONG * 3 // 2, id="long", marks=[pytest.mark.long, pytest.mark.timeout(max(300, LONG))])])
 async def test_fuzz_every_http_endpoint(deployment, start_worker, count: int) -> None:
     """SMS through the fake Twilio, so that its delivery receipts' route is served too."""
     deployment.settings.update(SETTINGS)

@@ -1,0 +1,135 @@
+"""The fault suite's scenarios (``bench/chaos.py``) as tests, in a short form: real brokers and
+worker processes, a steady load of verifications (each one wrong code, then the right one)
+during the whole scenario, then the checks: nothing lost, no two different codes for one
+verification, duplicates (outcomes, replies, SMS commands) only as identical copies, every
+outcome verified with exactly 2 attempts, every request answered as expected, replay clean.
+
+Scenarios 3 to 5 run on the session's broker; 1 starts its own 3-node cluster and 2 its own
+single broker (it stops and starts it), on ports above the session broker's (``+10`` and
+``+20``, or free ones), with the jars copied into a temporary home.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phoneverify.ops.broker.local import LocalBroker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_chaos():
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "bench" / "chaos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+chaos = _load_chaos()
+
+#: About 20-30 s of load per scenario (the zombie's pause is longer: it must pass the 15 s
+#: session timeout).
+PARAMS = chaos.Params(rate=30.0, warmup=5.0, steady=5.0, outage=8.0, pause=25.0,
+                      recover_timeout=120.0, drain_timeout=180.0)
+PLANS = {plan.number: plan for plan in chaos.PLANS}
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _base(preferred: int, offsets: tuple[int, ...]) -> int:
+    """``preferred`` if all its ports are free, else a random free base."""
+    candidates = [preferred] + [random.randint(20000, 28000) for _ in range(200)]
+    for base in candidates:
+        if all(_free(base + offset) for offset in offsets):
+            return base
+    raise RuntimeError("no free ports")
+
+
+def _session_port(kafka: str) -> int:
+    return int(kafka.split(",")[0].rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def own_broker(request: pytest.FixtureRequest, kafka: str,
+               tmp_path: Path) -> Iterator[LocalBroker]:
+    """A broker of ``request.param`` nodes of its own (1 or 3), stopped after the test."""
+    nodes: int = request.param
+    offsets = (0, 1) if nodes == 1 else (0, 1, 2, 100, 101, 102)
+    base = _base(_session_port(kafka) + (20 if nodes == 1 else 10), offsets)
+    broker = chaos.local_broker(base, nodes, chaos.broker_home(tmp_path))
+    assert broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _run(number: int, bootstrap: str, tmp_path: Path,
+         broker: LocalBroker | None = None) -> chaos.Verdict:
+    verdict = chaos.run_plan(PLANS[number], bootstrap, tmp_path, PARAMS, broker)
+    print("\n" + chaos.table([verdict]) + "\n" + chaos.details([verdict]))
+    return verdict
+
+
+def _check(verdict: chaos.Verdict) -> None:
+    assert verdict.started > 0
+    assert verdict.lost == 0, verdict.problems()
+    assert verdict.different_codes == 0, verdict.notes
+    assert verdict.unexpected_codes == 0
+    assert verdict.different_outcomes == 0, verdict.notes  # duplicates only as identical copies
+    assert verdict.bad_outcomes == []  # all verified, attempts == 2 exactly
+    assert verdict.missing_replies == 0
+    assert verdict.different_replies == 0, verdict.notes
+    assert verdict.bad_replies == []
+    assert verdict.dead_letters == 0
+    assert verdict.replay_ok, verdict.problems()
+    assert verdict.ok
+
+
+@pytest.mark.slow  # about 1 min here: three JVMs, a kill, a restart
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("own_broker", [3], indirect=True)
+def test_broker_leader_killed_and_restarted(own_broker: LocalBroker, tmp_path: Path) -> None:
+    verdict = _run(1, own_broker.bootstrap, tmp_path, own_broker)
+    _check(verdict)
+    assert [label.split()[0] for label, _ in verdict.recovery] == ["SIGKILL", "restart"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("own_broker", [1], indirect=True)
+def test_single_broker_stopped_and_started(own_broker: LocalBroker, tmp_path: Path) -> None:
+    _check(_run(2, own_broker.bootstrap, tmp_path, own_broker))
+
+
+@pytest.mark.timeout(600)
+def test_worker_killed_its_partitions_move(kafka: str, tmp_path: Path) -> None:
+    _check(_run(3, kafka, tmp_path))
+
+
+@pytest.mark.long  # about 1 min: the paused worker must outlive its 15 s session
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(strict=False, reason=(
+    "known bug (issue 13 report): a worker stopped with a batch in flight writes that batch's "
+    "changelog records after SIGCONT, behind the new owner's: the changelog's last value goes "
+    "back to an older version (replay differs), and a restore would bring that state back. "
+    "Nothing fences a zombie's producer (no transactions). Only when a batch is in flight at "
+    "SIGSTOP, so it fails in about half the runs."))
+def test_zombie_worker_writes_late_but_nothing_differs(kafka: str, tmp_path: Path) -> None:
+    _check(_run(4, kafka, tmp_path))
+
+
+@pytest.mark.timeout(600)
+def test_workers_added_and_removed_under_load(kafka: str, tmp_path: Path) -> None:
+    _check(_run(5, kafka, tmp_path))
