@@ -25,6 +25,7 @@ import faust
 from faust.types import TP, EventT, StreamT
 from rocksdict import WriteBatch
 
+from phoneverify.agents import fence
 from phoneverify.agents.app import app
 
 #: Most records in one batch, and the longest a batch waits for the rest of a burst.
@@ -81,6 +82,7 @@ async def guarded(agent: str, work: Awaitable[None]) -> None:
     write, say), stop the process at once: it starts again from the last commit. (Faust would
     restart the agent, which goes on past the failed batch's records; and a worker whose
     agent died keeps answering health checks while it consumes nothing.)"""
+    fence.check()
     try:
         await work
     except Exception:
@@ -112,6 +114,7 @@ class Outbox:
                    partition: int | None = None, timestamp: float | None = None,
                    headers: list[tuple[str, bytes]] | None = None) -> None:
         """Hand one record to the producer (no round trip here)."""
+        fence.check()
         self._acks.append(await app.producer.send(topic, key, value, partition, timestamp,
                                                   headers))
 
@@ -151,6 +154,7 @@ class AggregateTable(faust.Table):
         order they were sent: if one is durable, so is every record sent before it there."""
         if not changes:
             return
+        fence.check()
         topic = self.changelog_topic.get_topic_name()
         acks = [await app.producer.send(topic, key, value, partition, None, None)
                 for key, (partition, value) in changes.items()]

@@ -14,6 +14,7 @@ import time
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
 
+from phoneverify.agents import fence
 from phoneverify.agents.app import app, names, settings, sms_topic
 from phoneverify.agents.batch import Outbox, aggregate_table, batches, guarded
 from phoneverify.agents.records import dead_letter, describe, log
@@ -68,6 +69,7 @@ async def handle(batch: list[EventT]) -> None:
 
 
 async def timed(command: SendSms) -> Delivery:
+    fence.check()
     began = time.perf_counter()
     try:
         return await send_with_retry(backend, command.to, command.body,

@@ -11,16 +11,21 @@ single broker (it stops and starts it), on ports above the session broker's (``+
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import random
+import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from phoneverify.ops.broker.local import LocalBroker
+
+from support import Client, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,3 +138,33 @@ def test_zombie_worker_writes_late_but_nothing_differs(kafka: str, tmp_path: Pat
 @pytest.mark.timeout(600)
 def test_workers_added_and_removed_under_load(kafka: str, tmp_path: Path) -> None:
     _check(_run(5, kafka, tmp_path))
+
+
+async def test_a_worker_frozen_past_half_its_session_fences_itself(
+        deployment, start_worker) -> None:
+    """SIGSTOP for 9 s (past half the 15 s session), SIGCONT: the worker writes nothing more,
+    says why and exits 75 (a supervisor starts it again); one started afresh takes over."""
+    worker = start_worker("frozen")
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGSTOP)
+    try:
+        await asyncio.sleep(9)
+    finally:
+        worker.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: worker.process.poll() is not None, 15, "the frozen worker to exit")
+    assert worker.process.returncode == 75
+    assert "was stopped for" in worker.log() and "writes nothing more" in worker.log()
+    start_worker("again")
+    async with Client(deployment) as client:
+        iid = await client.start()
+        code = await client.sms_code(iid)
+        await client.respond(iid, code)
+        assert (await client.outcomes(iid))[0]["status"] == "verified"
+
+
+def test_frozen_time_is_wall_time_no_cpu_time_accounts_for() -> None:
+    from phoneverify.agents.fence import frozen_for
+
+    wall, cpu = time.monotonic() - 10, time.process_time()
+    assert 9.9 < frozen_for(wall, cpu) < 10.5  # stopped: 10 s went by, no CPU time
+    assert frozen_for(time.monotonic() - 10, time.process_time() - 10) < 0.5  # busy

@@ -1,0 +1,65 @@
+"""A worker that was frozen past its Kafka session stops before it writes again.
+
+Frozen (SIGSTOP, a VM or container pause, a machine starved of CPU) for longer than its session
+timeout, a worker has lost its partitions to another worker; when it resumes it does not know
+yet, and would go on deciding the records it had fetched and writing the results behind the
+new owner's: older versions of a verification at the end of its changelog. Nothing fences its
+producer (the service uses no Kafka transactions), so it fences itself. A task notes every
+second how far the wall clock and the process' CPU time have moved; every write checks that
+the process has not been stopped longer than :data:`FROZEN_LIMIT` since, and if it has, the
+process exits (75: a supervisor starts it again; it rejoins the group and reads from the last
+commit, so nothing is lost). An event loop that is merely busy spends CPU meanwhile and does
+not count as frozen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from phoneverify.agents.app import app
+
+#: Stopped this long, the worker may have missed enough heartbeats (every 3 s) for its 15 s
+#: session to expire: half of it, so that a worker still inside its session never stops.
+FROZEN_LIMIT = 7.5
+#: How often the task notes the clocks.
+EVERY = 1.0
+#: The exit status of a worker that fenced itself (EX_TEMPFAIL).
+EXIT_FROZEN = 75
+
+#: The clocks as last noted (``None`` until the task first runs).
+_wall: float | None = None
+_cpu = 0.0
+
+
+def frozen_for(wall: float, cpu: float) -> float:
+    """Seconds the process did not run since it noted ``wall`` and ``cpu``: wall time gone by
+    that no CPU time accounts for (its threads' CPU time is summed, so a busy process never
+    looks frozen)."""
+    return (time.monotonic() - wall) - (time.process_time() - cpu)
+
+
+def check() -> None:
+    """Exit at once if the process was frozen past :data:`FROZEN_LIMIT` since last noted."""
+    if _wall is None:
+        return
+    stopped = frozen_for(_wall, _cpu)
+    if stopped > FROZEN_LIMIT:
+        logging.getLogger("phoneverify").critical(
+            "this worker was stopped for %.0f s, longer than half its 15 s Kafka session: "
+            "its partitions may belong to another worker now, so it writes nothing more and "
+            "exits (a supervisor starts it again; nothing is lost)", stopped)
+        logging.shutdown()
+        os._exit(EXIT_FROZEN)
+
+
+@app.task
+async def watch() -> None:
+    """Note the clocks every second (and fence the worker if it was frozen meanwhile)."""
+    global _wall, _cpu
+    while True:
+        _wall, _cpu = time.monotonic(), time.process_time()
+        await asyncio.sleep(EVERY)
+        check()
