@@ -76,7 +76,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from phoneverify.models.codes import draw_code
 from phoneverify.ops.broker.local import POM, LocalBroker, stop_process
-from phoneverify.ops.replay import Report, read_all
+from phoneverify.ops.replay import Report, caught_up, read_all, records
 from phoneverify.ops.replay import run as replay
 from phoneverify.settings import Settings
 
@@ -355,8 +355,8 @@ class Load:
         while True:
             batches = await reader.getmany(timeout_ms=200)
             now = time.monotonic()
-            for records in batches.values():
-                for record in records:
+            for fetched in batches.values():
+                for record in fetched:
                     await handle(json.loads(record.value), now)
 
     async def _on_sms(self, sms: dict[str, Any], now: float) -> None:
@@ -723,56 +723,19 @@ class Scenario:
 
 async def quiesce(service: Service, timeout: float) -> None:
     """Wait until the workers have committed every record of the pipeline's topics."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=service.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=service.bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for topic in PIPELINE:
-            tps = [TopicPartition(service.topic(topic), p) for p in range(service.partitions)]
-            ends = await consumer.end_offsets(tps)
-            while True:
-                committed = await admin.list_consumer_group_offsets(service.app_id,
-                                                                    partitions=tps)
-                behind = [tp for tp in tps if ends[tp] > 0 and (
-                    tp not in committed or committed[tp].offset < ends[tp])]
-                if not behind:
-                    break
-                if loop.time() > deadline:
-                    raise TimeoutError(f"workers still behind on {behind}")
-                await asyncio.sleep(0.2)
-    finally:
-        await consumer.stop()
-        await admin.close()
+    await caught_up(service.bootstrap, service.app_id,
+                    [service.topic(topic) for topic in PIPELINE], service.partitions, timeout,
+                    interval=0.2)
 
 
 async def history(service: Service, topic: str, key: str
                   ) -> list[tuple[int, int, str, bytes | None]]:
     """Every record of ``topic`` with ``key``: partition, offset, broker time, value."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=service.bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(service.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > 0}
-        found = []
-        while remaining:
-            batch = await consumer.getmany(*remaining, timeout_ms=1000)
-            for tp, messages in batch.items():
-                found += [(tp.partition, m.offset,
-                           time.strftime("%H:%M:%S", time.localtime(m.timestamp / 1000))
-                           + f".{m.timestamp % 1000:03d}", m.value)
-                          for m in messages if m.key == key.encode()]
-            for tp in list(remaining):
-                if await consumer.position(tp) >= ends[tp]:
-                    remaining.discard(tp)
-        return found
-    finally:
-        await consumer.stop()
+    return [(m.partition, m.offset,
+             time.strftime("%H:%M:%S", time.localtime(m.timestamp / 1000))
+             + f".{m.timestamp % 1000:03d}", m.value)
+            async for m in records(service.bootstrap, topic, service.partitions)
+            if m.key == key.encode()]
 
 
 async def leaders(service: Service) -> tuple[Counter[int], int]:

@@ -17,11 +17,12 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from pydantic import TypeAdapter
 
 from phoneverify.models.verification import Event, Verification, evolve, initial_state
@@ -49,13 +50,12 @@ class Report:
 Record = tuple[bytes | None, bytes | None]
 
 
-async def read_all(settings: Settings, topic: str) -> AsyncIterator[Record]:
-    """Every record of ``topic`` from the beginning up to its end as of now: (key, value)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
-                                enable_auto_commit=False)
+async def records(bootstrap: str, topic: str, partitions: int) -> AsyncIterator[ConsumerRecord]:
+    """Every record of ``topic`` from the beginning up to its end as of now."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [TopicPartition(topic, p) for p in range(settings.partitions)]
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = await consumer.end_offsets(tps)
@@ -64,12 +64,46 @@ async def read_all(settings: Settings, topic: str) -> AsyncIterator[Record]:
             batch = await consumer.getmany(*remaining, timeout_ms=1000)
             for messages in batch.values():
                 for message in messages:
-                    yield message.key, message.value
+                    yield message
             for tp in list(remaining):
                 if await consumer.position(tp) >= ends[tp]:
                     remaining.discard(tp)
     finally:
         await consumer.stop()
+
+
+async def read_all(settings: Settings, topic: str) -> AsyncIterator[Record]:
+    """Every record of ``topic`` from the beginning up to its end as of now: (key, value)."""
+    async for message in records(settings.kafka_bootstrap_servers, topic, settings.partitions):
+        yield message.key, message.value
+
+
+async def caught_up(bootstrap: str, group: str, topics: Iterable[str], partitions: int,
+                    timeout: float, interval: float = 0.1) -> None:
+    """Wait until consumer ``group`` has committed every record of ``topics`` produced so far
+    (then what the workers made of them is in Kafka); ``TimeoutError`` after ``timeout``."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    await admin.start()
+    await consumer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for topic in topics:
+            tps = [TopicPartition(topic, p) for p in range(partitions)]
+            ends = await consumer.end_offsets(tps)
+            while True:
+                committed = await admin.list_consumer_group_offsets(group, partitions=tps)
+                behind = [tp for tp in tps if ends[tp] > 0 and (
+                    tp not in committed or committed[tp].offset < ends[tp])]
+                if not behind:
+                    break
+                if loop.time() > deadline:
+                    raise TimeoutError(f"workers still behind on {behind}")
+                await asyncio.sleep(interval)
+    finally:
+        await consumer.stop()
+        await admin.close()
 
 
 Stream = tuple[str, str]  # (instance_id, life)

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from phoneverify.ops.broker.local import stop_process
-from phoneverify.ops.replay import read_all
+from phoneverify.ops.replay import caught_up, read_all
 from phoneverify.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -248,27 +247,6 @@ PIPELINE = ("verification.start", "verification.admission", "verification.admitt
 
 async def quiesce(deployment: Deployment, timeout: float = 30.0) -> None:
     """Wait until the workers have processed and committed every record produced so far."""
-    group = deployment.env()["APP_ID"]
-    partitions = int(deployment.env()["PARTITIONS"])
-    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=deployment.bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for topic in PIPELINE:
-            tps = [TopicPartition(deployment.topic(topic), p) for p in range(partitions)]
-            ends = await consumer.end_offsets(tps)
-            while True:
-                committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-                behind = [tp for tp in tps if ends[tp] > 0 and (
-                    tp not in committed or committed[tp].offset < ends[tp])]
-                if not behind:
-                    break
-                if loop.time() > deadline:
-                    raise TimeoutError(f"workers still behind on {behind}")
-                await asyncio.sleep(0.1)
-    finally:
-        await consumer.stop()
-        await admin.close()
+    await caught_up(deployment.bootstrap, deployment.env()["APP_ID"],
+                    [deployment.topic(topic) for topic in PIPELINE],
+                    int(deployment.env()["PARTITIONS"]), timeout)
