@@ -225,6 +225,7 @@ async def _wait_for_metadata(admin: AIOKafkaAdminClient, topics: list[str], time
     deadline = loop.time() + timeout
     while topics and loop.time() < deadline:
         described = await admin.describe_topics(topics)
-        if all(not t.get("error_code") and t.get("partitions") for t in described):
-            return
+        if all(not t.get("error_code") and t.get("partitions")
+               and all(p.get("leader", -1) >= 0 for p in t["partitions"]) for t in described):
+            return  # every partition has its leader: reads and writes are served
         await asyncio.sleep(0.1)

@@ -27,6 +27,7 @@ from rocksdict import WriteBatch
 
 from phoneverify.agents import fence
 from phoneverify.agents.app import app
+from phoneverify.ops import metrics
 
 #: Most records in one batch, and the longest a batch waits for the rest of a burst.
 BATCH_SIZE = 1000
@@ -190,3 +191,12 @@ def aggregate_table(name: str) -> AggregateTable:
     return app.tables.add(AggregateTable(  # type: ignore[return-value]
         app, name=name, key_type=bytes, value_type=bytes, partitions=settings.partitions,
         beacon=app.tables.beacon, options=dict(ROCKSDB)))
+
+
+def _open_stores() -> Iterator[Any]:
+    """Every open RocksDB database of the app's tables (one per partition held)."""
+    for table in list(app.tables.values()):
+        yield from list(getattr(table.data, "_dbs", {}).values())
+
+
+metrics.watch_stores(_open_stores)

@@ -211,18 +211,20 @@ async def soak(bootstrap: str, minutes: float, rate: float, retention: float) ->
                     await client.drive(int(rate * 60), rate=rate, timeout=300)
                     minute += 1
                     _, text = await worker.get("/metrics")
-                    row = (minute, worker.rss_mib(),
+                    rocksdb = sum(float(value) for value in re.findall(
+                        r'^phoneverify_rocksdb_memory_bytes\{kind="\w+"\} (\S+)$', text, re.M))
+                    row = (minute, worker.rss_mib(), rocksdb / 2**20,
                            metric(text, "phoneverify_kept_verifications"),
                            metric(text, "phoneverify_pending_verifications"))
                     rows.append(row)
-                    say(f"minute {row[0]}: RSS {row[1]:.0f} MiB, kept {row[2]:.0f}, "
-                        f"pending {row[3]:.0f}")
+                    say(f"minute {row[0]}: RSS {row[1]:.0f} MiB (RocksDB {row[2]:.0f}), "
+                        f"kept {row[3]:.0f}, pending {row[4]:.0f}")
         finally:
             worker.stop()
     print(f"soak: {rate:g} verifications/s for {minutes:g} min, retention {retention:g} s")
-    print("minute | RSS MiB | kept verifications | pending")
-    for minute, rss, kept, pending in rows:
-        print(f"{minute:6d} | {rss:7.0f} | {kept:18.0f} | {pending:7.0f}")
+    print("minute | RSS MiB | of which RocksDB says it holds | kept verifications | pending")
+    for minute, rss, rocksdb, kept, pending in rows:
+        print(f"{minute:6d} | {rss:7.0f} | {rocksdb:30.1f} | {kept:18.0f} | {pending:7.0f}")
 
 
 async def _ready(worker: Worker) -> bool:

@@ -9,7 +9,9 @@ aiokafka retries and the worker goes on to join the group a moment later. That o
 during startup only, is not an error: :func:`quiet_harmless_startup_errors` logs it at INFO
 with a note saying so. Later, or with any other error, the record is left as it is: a
 coordinator that stays unavailable (for example ``__consumer_offsets`` asking for more
-replicas than there are brokers) must still show as an error.
+replicas than there are brokers) must still show as an error. Likewise aiokafka's
+"Failed fetch offsets ... NotLeaderForPartitionError" for a topic the worker has just created
+(the broker names a leader a moment before that leader serves it).
 """
 
 from __future__ import annotations
@@ -19,42 +21,55 @@ import logging
 import time
 
 from aiohttp.http_exceptions import HttpProcessingError
-from aiokafka.errors import GroupCoordinatorNotAvailableError
+from aiokafka.errors import GroupCoordinatorNotAvailableError, NotLeaderForPartitionError
 
 COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
 COORDINATOR_FAILED = "Group Coordinator Request failed: %s"
 NOTE = (" (harmless at startup: the group coordinator is not elected yet on a new broker;"
         " the consumer retries)")
+FETCHER_LOGGER = "aiokafka.consumer.fetcher"
+OFFSETS_FAILED = "Failed fetch offsets from %s: %s"
+OFFSETS_NOTE = (" (harmless at startup: a topic just created has no leader ready yet;"
+                " the consumer retries)")
 STARTUP_SECONDS = 60.0
+
+#: What is harmless at startup: (logger, message, the error among its arguments, the note).
+HARMLESS = ((COORDINATOR_LOGGER, COORDINATOR_FAILED, GroupCoordinatorNotAvailableError, NOTE),
+            (FETCHER_LOGGER, OFFSETS_FAILED, NotLeaderForPartitionError, OFFSETS_NOTE))
 
 
 class HarmlessStartupErrors(logging.Filter):
-    """Downgrades "coordinator not available" to INFO within ``window`` seconds of install."""
+    """Downgrades the errors in :data:`HARMLESS` to INFO, with their note, within ``window``
+    seconds of install."""
 
     def __init__(self, window: float = STARTUP_SECONDS) -> None:
         super().__init__()
         self.until = time.monotonic() + window
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (record.levelno == logging.ERROR and record.msg == COORDINATOR_FAILED
-                and isinstance(record.args, tuple) and len(record.args) == 1
-                and isinstance(record.args[0], GroupCoordinatorNotAvailableError)
-                and time.monotonic() < self.until):
-            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
-            record.msg = COORDINATOR_FAILED + NOTE
+        if record.levelno != logging.ERROR or time.monotonic() >= self.until:
+            return True
+        for logger, message, error, note in HARMLESS:
+            if (record.name == logger and record.msg == message
+                    and isinstance(record.args, tuple) and record.args
+                    and isinstance(record.args[-1], error)):
+                record.levelno = logging.INFO
+                record.levelname = logging.getLevelName(logging.INFO)
+                record.msg = message + note
         return True
 
 
 def quiet_harmless_startup_errors(window: float = STARTUP_SECONDS) -> HarmlessStartupErrors:
-    """Install the filter on aiokafka's group coordinator logger (once; a second call renews
-    the window). Call it when the worker starts; returns the filter."""
-    logger = logging.getLogger(COORDINATOR_LOGGER)
-    for existing in logger.filters:
+    """Install the filter on aiokafka's loggers (once; a second call renews the window). Call
+    it when the worker starts; returns the filter."""
+    loggers = [logging.getLogger(name) for name in dict.fromkeys(n for n, *_ in HARMLESS)]
+    for existing in loggers[0].filters:
         if isinstance(existing, HarmlessStartupErrors):
             existing.until = time.monotonic() + window
             return existing
     installed = HarmlessStartupErrors(window)
-    logger.addFilter(installed)
+    for logger in loggers:
+        logger.addFilter(installed)
     return installed
 
 

@@ -78,6 +78,36 @@ def watch_lag(monitor: Callable[[], Any]) -> None:
     REGISTRY.register(Lag(monitor))
 
 
+#: RocksDB's own estimates of the memory a database holds, by what holds it.
+ROCKSDB_MEMORY = {"memtables": "rocksdb.cur-size-all-mem-tables",
+                  "block_cache": "rocksdb.block-cache-usage",
+                  "table_readers": "rocksdb.estimate-table-readers-mem"}
+
+
+class Stores(Collector):
+    """Memory of the worker's RocksDB stores (every open partition of every table), by kind:
+    bounded by their settings, unlike the rest of the process."""
+
+    def __init__(self, databases: Callable[[], Iterator[Any]]) -> None:
+        self.databases = databases
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("phoneverify_rocksdb_memory_bytes",
+                                   "Memory RocksDB reports for this worker's stores, by kind.",
+                                   labels=["kind"])
+        totals = dict.fromkeys(ROCKSDB_MEMORY, 0)
+        for db in self.databases():
+            for kind, name in ROCKSDB_MEMORY.items():
+                totals[kind] += db.property_int_value(name) or 0
+        for kind, total in totals.items():
+            family.add_metric([kind], total)
+        yield family
+
+
+def watch_stores(databases: Callable[[], Iterator[Any]]) -> None:
+    REGISTRY.register(Stores(databases))
+
+
 def exposition() -> tuple[bytes, str]:
     """The metrics in Prometheus' text format, and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -6,11 +6,17 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from aiokafka.errors import GroupCoordinatorNotAvailableError, KafkaConnectionError
+from aiokafka.errors import (
+    GroupCoordinatorNotAvailableError,
+    KafkaConnectionError,
+    NotLeaderForPartitionError,
+)
 
 from phoneverify.ops.logs import (
     COORDINATOR_FAILED,
     COORDINATOR_LOGGER,
+    FETCHER_LOGGER,
+    OFFSETS_FAILED,
     HarmlessStartupErrors,
     quiet_harmless_startup_errors,
 )
@@ -23,6 +29,7 @@ def installed() -> Iterator[HarmlessStartupErrors]:
     harmless = quiet_harmless_startup_errors()
     yield harmless
     coordinator.removeFilter(harmless)
+    logging.getLogger(FETCHER_LOGGER).removeFilter(harmless)
 
 
 def test_coordinator_not_available_at_startup_is_info_with_a_note(
@@ -33,6 +40,17 @@ def test_coordinator_not_available_at_startup_is_info_with_a_note(
     [record] = caplog.records
     assert (record.levelno, record.levelname) == (logging.INFO, "INFO")
     assert "GroupCoordinatorNotAvailableError" in record.getMessage()
+    assert "harmless at startup" in record.getMessage()
+
+
+def test_no_leader_yet_for_a_new_topic_is_info_with_a_note(
+        installed: HarmlessStartupErrors, caplog: pytest.LogCaptureFixture) -> None:
+    # aiokafka/consumer/fetcher.py, while the topic the worker just created gets its leader.
+    logging.getLogger(FETCHER_LOGGER).error(OFFSETS_FAILED, 1, NotLeaderForPartitionError())
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert "NotLeaderForPartitionError" in record.getMessage()
     assert "harmless at startup" in record.getMessage()
 
 

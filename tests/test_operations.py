@@ -98,6 +98,8 @@ async def test_metrics_move_with_real_verifications(
     assert sample(after, "phoneverify_sms_send_seconds_count") == 1
     assert re.search(r'^phoneverify_consumer_lag\{partition="\d+",topic="[^"]+'
                      r'verification.response"\} 0.0$', after, re.M)
+    assert sample(after, "phoneverify_rocksdb_memory_bytes", kind="memtables") > 0
+    assert sample(after, "phoneverify_rocksdb_memory_bytes", kind="block_cache") >= 0
     assert sample(before, "phoneverify_outcomes_total", reason="code_matched") == 0
     assert code not in after.replace(iid, "")
 
