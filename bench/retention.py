@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -247,6 +248,7 @@ def main() -> int:
     run.add_argument("--rate", type=float, default=50)
     run.add_argument("--retention", type=float, default=60)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     if args.what == "restart":
         asyncio.run(restart(args.bootstrap, [int(n) for n in args.sizes.split(",")]))
     else:
