@@ -30,8 +30,7 @@ run: setup
 test: setup
 	$(BIN)/pytest
 
-# The long forms of the fuzz and fault runs (FUZZ_LONG_EXAMPLES, the 3-node broker kill, the
-# zombie worker): about 10 minutes here.
+# The long forms of the fuzz runs (FUZZ_LONG_EXAMPLES) and the zombie worker: about 3 minutes.
 test-long: setup
 	$(BIN)/pytest -m long
 

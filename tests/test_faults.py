@@ -125,13 +125,7 @@ def test_worker_killed_its_partitions_move(kafka: str, tmp_path: Path) -> None:
 
 @pytest.mark.long  # about 1 min: the paused worker must outlive its 15 s session
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug (issue 13 report): a worker stopped with a batch in flight writes that batch's "
-    "changelog records after SIGCONT, behind the new owner's: the changelog's last value goes "
-    "back to an older version (replay differs), and a restore would bring that state back. "
-    "Nothing fences a zombie's producer (no transactions). Only when a batch is in flight at "
-    "SIGSTOP, so it fails in about half the runs."))
-def test_zombie_worker_writes_late_but_nothing_differs(kafka: str, tmp_path: Path) -> None:
+def test_zombie_worker_fences_itself_and_nothing_differs(kafka: str, tmp_path: Path) -> None:
     _check(_run(4, kafka, tmp_path))
 
 
