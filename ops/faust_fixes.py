@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
@@ -77,8 +78,13 @@ def apply() -> None:
         AIOKafkaConsumer.seek_to_committed = _recording_seek(seek)  # type: ignore[method-assign]
 
 
-#: Where the consumer keeps the offsets :func:`_recording_seek` recorded.
+#: Where the consumer keeps, per partition, the offset that must come next (after a seek to
+#: the committed offsets, or after a re-read), and the offset each was last sought back to.
 _NEXT = "_phoneverify_next_after_seek"
+_REWOUND = "_phoneverify_rewound_to"
+#: At most one warning per partition this often (a transactional producer's markers are real
+#: gaps, each read once again).
+WARN_EVERY = 60.0
 
 
 def _recording_seek(method: Callable[..., Awaitable[Mapping[TP, int]]]
@@ -91,8 +97,12 @@ def _recording_seek(method: Callable[..., Awaitable[Mapping[TP, int]]]
     async def wrapper(self: AIOKafkaConsumer) -> Mapping[TP, int]:
         committed = await method(self)
         expected = self.__dict__.setdefault(_NEXT, {})
-        expected.update({TP(tp.topic, tp.partition): offset
-                         for tp, offset in committed.items() if offset})
+        rewound = self.__dict__.setdefault(_REWOUND, {})
+        for tp, offset in committed.items():
+            key = TP(tp.topic, tp.partition)
+            rewound.pop(key, None)  # a new assignment: earlier re-reads say nothing of it
+            if offset:
+                expected[key] = offset
         return committed
 
     setattr(wrapper, _PATCHED, True)
@@ -121,9 +131,9 @@ async def _drain_messages(self: Consumer, fetcher: Any) -> None:  # pragma: no c
     it sought the new partitions to their committed offsets, read offsets set by that seek
     then lagged what was fetched, and records fetched around it were never processed, yet
     committed (360 verifications of the 450 started while the partitions waited to move were
-    lost). So on a jump the partition is sought back to the last offset read and read again
-    (at worst a record is delivered twice, which every agent recognises); only a jump seen
-    again from the same offset is a real gap, left to Faust.
+    lost). So on a jump the partition is sought back to the offset after the last one read
+    and read again; only a jump seen again from the same offset is a real gap (a transactional
+    producer's commit marker, say), left to Faust.
 
     The same after a seek to the committed offsets (``seek_to_committed``, recorded by
     :func:`_recording_seek`): the committed offset is the next record to read, so the first
@@ -137,17 +147,22 @@ async def _drain_messages(self: Consumer, fetcher: Any) -> None:  # pragma: no c
     set_read_offset = self._read_offset.__setitem__
     acks_enabled_for = self.app.topics.acks_enabled_for
     flag = CONSUMER_FETCHING
-    #: Per partition, the read offset it was last sought back to after a jump.
-    rewound: dict[TP, int] = {}
-    #: Per partition just sought to its committed offset: the offset that must come next.
+    #: Per partition, the offset it was last sought back to after a jump (cleared when the
+    #: partition is assigned again).
+    rewound: dict[TP, int] = self.__dict__.setdefault(_REWOUND, {})
+    #: Per partition: the offset that must come next (after a seek).
     expected: dict[TP, int] = self.__dict__.setdefault(_NEXT, {})
+    warned: dict[TP, float] = {}
 
-    async def read_again(tp: TP, offset: int, since: int) -> None:
-        self.log.warning("%s[%d]: offset %d follows %d: reading from %d again",
-                         tp.topic, tp.partition, offset, since, since)
-        rewound[tp] = since
-        await self.seek_wait({tp: since})
-        expected[tp] = since
+    async def read_again(tp: TP, offset: int, wanted: int) -> None:
+        now = time.monotonic()
+        if now - warned.get(tp, -WARN_EVERY) >= WARN_EVERY:
+            warned[tp] = now
+            self.log.warning("%s[%d]: offset %d came where %d was due: reading from %d again "
+                             "(once; a gap seen again is taken as real)", tp.topic,
+                             tp.partition, offset, wanted, wanted)
+        expected[tp] = rewound[tp] = wanted
+        await self.seek_wait({tp: wanted})
 
     async def deliver(records: list[tuple[TP, Any]]) -> None:
         sought: set[TP] = set()  # the rest of this fetch is stale for these
@@ -157,19 +172,21 @@ async def _drain_messages(self: Consumer, fetcher: Any) -> None:  # pragma: no c
             if tp in sought:
                 continue
             offset = message.offset
-            first = expected.pop(tp, None)
-            if (first is not None and offset > first and rewound.get(tp) != first
-                    and acks_enabled_for(message.topic)):  # the committed one was skipped
-                sought.add(tp)
-                await read_again(tp, offset, first)
-                continue
+            due = expected.get(tp)
+            if due is not None and offset >= due:  # older ones: left from before the seek
+                del expected[tp]
+                if (offset > due and rewound.get(tp) != due
+                        and acks_enabled_for(message.topic)):  # the due one was skipped
+                    sought.add(tp)
+                    await read_again(tp, offset, due)
+                    continue
             r_offset = get_read_offset(tp)
             if r_offset is None or offset >= r_offset:
                 gap = offset - (r_offset or 0)
                 if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                    if rewound.get(tp) != r_offset:  # records were skipped: read them again
+                    if rewound.get(tp) != r_offset + 1:  # records were skipped: read again
                         sought.add(tp)
-                        await read_again(tp, offset, r_offset)
+                        await read_again(tp, offset, r_offset + 1)
                         continue
                     await self._add_gap(tp, r_offset + 1, offset)
                 if self._commit_every is not None and self._n_acked >= self._commit_every:
