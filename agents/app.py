@@ -6,6 +6,10 @@ partition count first (:func:`phoneverify.topics.ensure_topics`), then starts Fa
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+
 import faust
 
 from phoneverify.ops import faust_fixes
@@ -55,6 +59,29 @@ app = faust.App(
     worker_redirect_stdouts_level="INFO",  # the console SMS backend prints; not a warning
     logging_config=json_logging(settings.log_level) if settings.log_format == "json" else None,
 )
+
+
+#: How long a stopping worker waits, once its consumer has stopped, for Kafka to take what the
+#: producer still holds. With no broker left to take it, Faust would wait forever.
+STOP_LIMIT = 15.0
+
+
+@app.on_before_shutdown.connect
+async def _bounded_stop(sender: faust.App, **kwargs: object) -> None:
+    """Exit after :data:`STOP_LIMIT` if the last flush has not finished by then. Nothing is
+    lost: the inputs of what was not delivered are not committed and are handled again."""
+
+    def give_up() -> None:
+        logging.getLogger("phoneverify").error(
+            "stopping: Kafka did not take the last records within %.0f s (is a broker "
+            "reachable?); exiting without them: their inputs were not committed and will be "
+            "handled again", STOP_LIMIT)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(STOP_LIMIT, give_up)
+    timer.daemon = True  # a worker that stops in time does not wait for it
+    timer.start()
 
 
 def _topic(name: str) -> faust.TopicT:

@@ -9,7 +9,8 @@ second how far the wall clock and the process' CPU time have moved; every write 
 the process has not been stopped longer than :data:`FROZEN_LIMIT` since, and if it has, the
 process exits (75: a supervisor starts it again; it rejoins the group and reads from the last
 commit, so nothing is lost). An event loop that is merely busy spends CPU meanwhile and does
-not count as frozen.
+not count as frozen; one blocked that long on I/O without CPU (a disk stalled for seconds)
+does, and costs a restart.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import time
 
 from phoneverify.agents.app import app
 
-#: Stopped this long, the worker may have missed enough heartbeats (every 3 s) for its 15 s
-#: session to expire: half of it, so that a worker still inside its session never stops.
-FROZEN_LIMIT = 7.5
+#: Stopped this long, the worker may have missed enough heartbeats for its session to expire:
+#: half the session, so that a worker still inside it never stops.
+FROZEN_LIMIT = app.conf.broker_session_timeout / 2
 #: How often the task notes the clocks.
 EVERY = 1.0
 #: The exit status of a worker that fenced itself (EX_TEMPFAIL).
@@ -34,11 +35,16 @@ _wall: float | None = None
 _cpu = 0.0
 
 
+def clock() -> float:
+    """Seconds of a clock that also runs while the machine is suspended (unlike monotonic)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 def frozen_for(wall: float, cpu: float) -> float:
-    """Seconds the process did not run since it noted ``wall`` and ``cpu``: wall time gone by
-    that no CPU time accounts for (its threads' CPU time is summed, so a busy process never
-    looks frozen)."""
-    return (time.monotonic() - wall) - (time.process_time() - cpu)
+    """Seconds the process did not run since it noted ``wall`` (:func:`clock`) and ``cpu``:
+    time gone by that no CPU time accounts for (its threads' CPU time is summed, so a busy
+    process never looks frozen)."""
+    return (clock() - wall) - (time.process_time() - cpu)
 
 
 def check() -> None:
@@ -48,9 +54,10 @@ def check() -> None:
     stopped = frozen_for(_wall, _cpu)
     if stopped > FROZEN_LIMIT:
         logging.getLogger("phoneverify").critical(
-            "this worker was stopped for %.0f s, longer than half its 15 s Kafka session: "
+            "this worker was stopped for %.0f s, longer than half its %.0f s Kafka session: "
             "its partitions may belong to another worker now, so it writes nothing more and "
-            "exits (a supervisor starts it again; nothing is lost)", stopped)
+            "exits (a supervisor starts it again; nothing is lost)", stopped,
+            app.conf.broker_session_timeout)
         logging.shutdown()
         os._exit(EXIT_FROZEN)
 
@@ -60,6 +67,6 @@ async def watch() -> None:
     """Note the clocks every second (and fence the worker if it was frozen meanwhile)."""
     global _wall, _cpu
     while True:
-        _wall, _cpu = time.monotonic(), time.process_time()
+        _wall, _cpu = clock(), time.process_time()
         await asyncio.sleep(EVERY)
         check()

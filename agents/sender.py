@@ -69,12 +69,11 @@ async def handle(batch: list[EventT]) -> None:
 
 
 async def timed(command: SendSms) -> Delivery:
-    fence.check()
     began = time.perf_counter()
     try:
         return await send_with_retry(backend, command.to, command.body,
                                      instance_id=command.instance_id,
-                                     command_id=command.command_id)
+                                     command_id=command.command_id, before_each=fence.check)
     finally:
         metrics.sms_send.observe(time.perf_counter() - began)
 

@@ -9,6 +9,7 @@ exponential backoff and reports a failure when the tries run out.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,9 +41,14 @@ class SmsBackend(Protocol):
 
 async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 4,
                           first_delay: float = 0.2, *, instance_id: str | None = None,
-                          command_id: str | None = None) -> Delivery:
+                          command_id: str | None = None,
+                          before_each: Callable[[], None] | None = None) -> Delivery:
+    """Send, trying again after transient errors (doubling the delay); ``before_each`` runs
+    before every try (the worker's fence)."""
     delay = first_delay
     for attempt in range(1, tries + 1):
+        if before_each is not None:
+            before_each()
         try:
             return await backend.send(to, body, instance_id=instance_id, command_id=command_id)
         except TransientSmsError as error:

@@ -25,7 +25,7 @@ import pytest
 
 from phoneverify.ops.broker.local import LocalBroker
 
-from support import Client, wait_until
+from support import Client, Deployment, Worker, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,8 +157,26 @@ async def test_a_worker_frozen_past_half_its_session_fences_itself(
 
 
 def test_frozen_time_is_wall_time_no_cpu_time_accounts_for() -> None:
-    from phoneverify.agents.fence import frozen_for
+    from phoneverify.agents.fence import clock, frozen_for
 
-    wall, cpu = time.monotonic() - 10, time.process_time()
+    wall, cpu = clock() - 10, time.process_time()
     assert 9.9 < frozen_for(wall, cpu) < 10.5  # stopped: 10 s went by, no CPU time
-    assert frozen_for(time.monotonic() - 10, time.process_time() - 10) < 0.5  # busy
+    assert frozen_for(clock() - 10, time.process_time() - 10) < 0.5  # busy
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("own_broker", [1], indirect=True)
+def test_a_worker_whose_broker_is_gone_still_stops(own_broker: LocalBroker,
+                                                   tmp_path: Path) -> None:
+    """SIGTERM after the only broker went away: the worker cannot flush, says so, and exits
+    within its stop limit (Faust alone would wait forever)."""
+    worker = Worker(Deployment(own_broker.bootstrap, tmp_path), "orphan").start()
+    try:
+        own_broker.stop()
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: worker.process.poll() is not None, 45, "the worker to exit")
+        assert worker.process.returncode == 1
+        assert "Kafka did not take the last records within 15 s" in worker.log()
+    finally:
+        worker.kill()
