@@ -29,8 +29,8 @@ NOTE = (" (harmless at startup: the group coordinator is not elected yet on a ne
         " the consumer retries)")
 FETCHER_LOGGER = "aiokafka.consumer.fetcher"
 OFFSETS_FAILED = "Failed fetch offsets from %s: %s"
-OFFSETS_NOTE = (" (harmless at startup: a topic just created has no leader ready yet;"
-                " the consumer retries)")
+OFFSETS_NOTE = (" (harmless at startup: a partition's leader is not ready yet, on a topic"
+                " just created or a broker failing over; the consumer retries)")
 STARTUP_SECONDS = 60.0
 
 #: What is harmless at startup: (logger, message, the error among its arguments, the note).

@@ -85,8 +85,7 @@ ROCKSDB_MEMORY = {"memtables": "rocksdb.cur-size-all-mem-tables",
 
 
 class Stores(Collector):
-    """Memory of the worker's RocksDB stores (every open partition of every table), by kind:
-    bounded by their settings, unlike the rest of the process."""
+    """Memory of the worker's RocksDB stores (every open partition of every table), by kind."""
 
     def __init__(self, databases: Callable[[], Iterator[Any]]) -> None:
         self.databases = databases
@@ -98,7 +97,10 @@ class Stores(Collector):
         totals = dict.fromkeys(ROCKSDB_MEMORY, 0)
         for db in self.databases():
             for kind, name in ROCKSDB_MEMORY.items():
-                totals[kind] += db.property_int_value(name) or 0
+                try:
+                    totals[kind] += db.property_int_value(name) or 0
+                except Exception:  # noqa: S112 - a store closing meanwhile: count the others
+                    continue
         for kind, total in totals.items():
             family.add_metric([kind], total)
         yield family
