@@ -142,15 +142,20 @@ def test_worker_environment_names_are_settings():
     assert {name for name in dockerfile_env if not name.startswith(("PYTHON", "PIP_"))} <= fields
 
 
-def test_worker_environment_is_valid_settings(monkeypatch):
-    env = {key: _interpolate(value, DUMMY_ENV) for key, value in
-           _environment(_service("worker")).items()}
-    assert env["SMS_BACKEND"] == "console"
+def _settings_from(env: dict[str, str], monkeypatch) -> Settings:
+    """The worker's settings with exactly ``env`` as its environment."""
     for name in Settings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    settings = Settings()
+    return Settings()
+
+
+def test_worker_environment_is_valid_settings(monkeypatch):
+    env = {key: _interpolate(value, DUMMY_ENV) for key, value in
+           _environment(_service("worker")).items()}
+    assert env["SMS_BACKEND"] == "console"
+    settings = _settings_from(env, monkeypatch)
     assert settings.web_port == 6066
     assert str(settings.data_dir) == "/data"
     assert settings.code_hash_key.get_secret_value() == DUMMY_ENV["CODE_HASH_KEY"]
@@ -273,11 +278,7 @@ def test_cluster_worker_knows_all_three_brokers_and_replicates_three_times(monke
     assert env["REPLICATION_FACTOR"] == "3"  # the worker makes min.insync.replicas RF - 1 = 2
     for name in ("CODE_HASH_KEY", "API_KEY"):
         assert re.fullmatch(rf"\$\{{{name}:\?[^}}]*\}}", _environment(worker)[name])
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    settings = Settings()
+    settings = _settings_from(env, monkeypatch)
     assert settings.replication_factor == 3
     assert len(settings.kafka_bootstrap_servers.split(",")) == 3
 
