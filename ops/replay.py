@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -79,9 +79,11 @@ async def read_all(settings: Settings, topic: str) -> AsyncIterator[Record]:
 
 
 async def caught_up(bootstrap: str, group: str, topics: Iterable[str], partitions: int,
-                    timeout: float, interval: float = 0.1) -> None:
+                    timeout: float, interval: float = 0.1,
+                    give_up: Callable[[], bool] | None = None) -> None:
     """Wait until consumer ``group`` has committed every record of ``topics`` produced so far
-    (then what the workers made of them is in Kafka); ``TimeoutError`` after ``timeout``."""
+    (then what the workers made of them is in Kafka); ``TimeoutError`` after ``timeout``.
+    Returns early once ``give_up()`` is true (the workers crashed, say)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
     await admin.start()
@@ -96,6 +98,8 @@ async def caught_up(bootstrap: str, group: str, topics: Iterable[str], partition
                 committed = await admin.list_consumer_group_offsets(group, partitions=tps)
                 behind = [tp for tp in tps if ends[tp] > 0 and (
                     tp not in committed or committed[tp].offset < ends[tp])]
+                if give_up is not None and give_up():
+                    return
                 if not behind:
                     break
                 if loop.time() > deadline:

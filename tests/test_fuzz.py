@@ -55,8 +55,6 @@ from urllib.parse import parse_qsl, urlencode
 import aiohttp
 import confluent_kafka
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -66,6 +64,7 @@ from yarl import URL
 
 from phoneverify.models.messages import Tick
 from phoneverify.models.phone import InvalidPhoneNumber, NumberPolicy, admissible
+from phoneverify.ops.replay import caught_up
 from phoneverify.topics import partition_for
 
 from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
@@ -411,29 +410,9 @@ def expect(record: Record) -> Expected:
 async def settled(deployment: Deployment, worker: Worker, timeout: float = 120.0) -> None:
     """Wait until the worker has committed every record produced so far on its inputs (or
     has crashed: then the caller's checks say how)."""
-    group = deployment.env()["APP_ID"]
-    admin = AIOKafkaAdminClient(bootstrap_servers=deployment.bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=deployment.bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        for topic in CONSUMED:
-            tps = [TopicPartition(deployment.topic(topic), p) for p in range(PARTITIONS)]
-            ends = await consumer.end_offsets(tps)
-            while True:
-                committed = await admin.list_consumer_group_offsets(group, partitions=tps)
-                behind = [tp for tp in tps if ends[tp] > 0 and (
-                    tp not in committed or committed[tp].offset < ends[tp])]
-                if not behind or crashed(worker):
-                    break
-                if loop.time() > deadline:
-                    raise TimeoutError(f"the worker is still behind on {behind}")
-                await asyncio.sleep(0.1)
-    finally:
-        await consumer.stop()
-        await admin.close()
+    await caught_up(deployment.bootstrap, deployment.env()["APP_ID"],
+                    [deployment.topic(topic) for topic in CONSUMED], PARTITIONS, timeout,
+                    give_up=lambda: crashed(worker))
 
 
 def send_all(deployment: Deployment, batch: list[Record]) -> list[tuple[str, int, int]]:
