@@ -1,0 +1,363 @@
+"""The fraud guard (contract rule 20): conversion per prefix and per country, when to block,
+and the limit of starts per client address. Pure: time comes in as arguments.
+
+- A **prefix** is an E.164 number without its last 4 digits (``+1425555``); a **country** its
+  ISO region (``US``). Each is *watched*: its state (:class:`Watch`) counts judged deliveries
+  and how many of them converted, in buckets over ``window`` seconds.
+- A prefix's watch follows each delivery: *converted* when its verification is verified,
+  *unconverted* once ``answer`` seconds pass without that, or when it concludes otherwise.
+  Each judgment counts for the prefix, and is forwarded to the country's watch.
+- A watch with at least ``min_sends`` judged deliveries in the window (``prefix_min_sends`` or
+  ``country_min_sends``) and a conversion below ``min_conversion`` is blocked for ``block``
+  seconds (:func:`judge`); the block ends by itself (:func:`lift`) or by an operator.
+  Numbers under ``FRAUD_SAFE_PREFIXES`` are neither watched nor refused.
+- **Per client address**: at most ``limit`` starts in any ``window`` seconds
+  (:func:`admit_address`), starts named by their origin so a redelivered one counts once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Annotated, Literal, NamedTuple
+
+import phonenumbers
+from pydantic import BaseModel, ConfigDict, Field
+
+from phoneverify.models.messages import Message, UtcTime
+
+Level = Literal["prefix", "country"]
+#: Most deliveries a prefix's watch keeps waiting for their answer: past it the oldest is
+#: judged unconverted at once (a thousand unanswered deliveries within the answer window of
+#: one block of 10,000 numbers is pumping, and it keeps the state within one Kafka record).
+MAX_PENDING = 1000
+_PREFIX = re.compile(r"^\+[0-9]{1,14}$")
+_COUNTRY = re.compile(r"^[A-Za-z]{2}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Policy(_Frozen):
+    """The guard's settings (``FRAUD_*``), defaults as the contract's."""
+
+    answer: float = 60.0
+    window: float = 3600.0
+    min_conversion: float = 0.2
+    prefix_min_sends: int = 20
+    country_min_sends: int = 100
+    block: float = 43200.0
+    safe_prefixes: tuple[str, ...] = ()
+
+    def min_sends(self, level: Level) -> int:
+        return self.prefix_min_sends if level == "prefix" else self.country_min_sends
+
+
+class FraudBlock(Message):
+    """A block or unblock, on ``verification.fraud`` keyed by ``key`` (compacted: the last
+    record of a key is its state)."""
+
+    level: Level
+    key: str
+    blocked: bool
+    blocked_until: UtcTime | None = None
+    judged: Annotated[int, Field(ge=0)] = 0
+    converted: Annotated[int, Field(ge=0)] = 0
+    at: UtcTime
+    by: Literal["guard", "operator"]
+
+    def in_force(self, now: datetime) -> bool:
+        return self.blocked and self.blocked_until is not None and self.blocked_until > now
+
+
+# ---------------------------------------------------------------- keys
+
+
+def prefix_of(e164: str) -> str:
+    """``+14255550100`` -> ``+1425555``."""
+    return e164[:-4]
+
+
+def country_of(e164: str) -> str | None:
+    """The number's ISO region (``GB``), or None when libphonenumber cannot tell."""
+    try:
+        region = phonenumbers.region_code_for_number(phonenumbers.parse(e164))
+    except phonenumbers.NumberParseException:
+        return None
+    return region if region and region != "ZZ" else None
+
+
+def parse_key(text: str) -> tuple[Level, str]:
+    """An operator's key: an E.164 prefix (``+44740012``) or an ISO region code (``GB``);
+    ValueError saying what is wrong otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("key must be a string: an E.164 prefix (+44740012) or an ISO "
+                         "region code (GB)")
+    text = text.strip()
+    if _PREFIX.fullmatch(text):
+        return "prefix", text
+    if _COUNTRY.fullmatch(text):
+        region = text.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{region} is not a region libphonenumber knows (ISO 3166 "
+                             "alpha-2, say GB)")
+        return "country", region
+    raise ValueError(f"{text[:40]!r} is neither an E.164 prefix (+ and 1 to 14 digits, "
+                     "+44740012) nor an ISO region code (GB)")
+
+
+def is_safe(number_or_prefix: str, policy: Policy) -> bool:
+    """Under one of ``FRAUD_SAFE_PREFIXES``: never watched, never refused."""
+    return any(number_or_prefix.startswith(safe) for safe in policy.safe_prefixes)
+
+
+def blocking(e164: str, blocks: Mapping[str, FraudBlock], at: datetime,
+             policy: Policy) -> FraudBlock | None:
+    """The block in force at ``at`` that refuses a delivery to ``e164``, if any."""
+    if is_safe(e164, policy):
+        return None
+    for key in (prefix_of(e164), country_of(e164)):
+        block = blocks.get(key) if key else None
+        if block is not None and block.in_force(at):
+            return block
+    return None
+
+
+def refusal(block: FraudBlock, at: datetime) -> str:
+    """The reason a refused start gets, in words: ``suspected SMS pumping to +44740012…,
+    blocked until 03:12 UTC``."""
+    assert block.blocked_until is not None
+    until = block.blocked_until
+    when = until.strftime("%H:%M UTC") if until - at < timedelta(hours=23) \
+        else until.strftime("%Y-%m-%d %H:%M UTC")
+    to = f"{block.key}…" if block.level == "prefix" else f"numbers in {block.key}"
+    by = "" if block.by == "guard" else " by an operator"
+    return f"suspected SMS pumping to {to}, blocked{by} until {when}"
+
+
+# ---------------------------------------------------------------- one watch
+
+
+class Judgment(NamedTuple):
+    judged: int = 0
+    converted: int = 0
+
+    def __add__(self, other: object) -> Judgment:
+        assert isinstance(other, Judgment)
+        return Judgment(self.judged + other.judged, self.converted + other.converted)
+
+
+class Delivery(_Frozen):
+    """A verification's deliveries waiting for their answer."""
+
+    instance_id: str
+    at: tuple[UtcTime, ...]
+
+
+class Block(_Frozen):
+    until: UtcTime
+    by: Literal["guard", "operator"]
+    at: UtcTime
+
+
+class Watch(_Frozen):
+    """One prefix's or country's state."""
+
+    #: For a prefix: the country its judgments also count for.
+    country: str | None = None
+    pending: tuple[Delivery, ...] = ()
+    #: ``(bucket start, judged, converted)``, oldest first.
+    judged: tuple[tuple[UtcTime, int, int], ...] = ()
+    block: Block | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.pending or self.judged or self.block)
+
+
+def deliver(watch: Watch, instance_id: str, at: datetime, country: str | None,
+            policy: Policy) -> tuple[Watch, Judgment]:
+    """A delivery to a number of this prefix; returns the judgment of deliveries pushed out
+    past :data:`MAX_PENDING` (unconverted)."""
+    pending = list(watch.pending)
+    for n, delivery in enumerate(pending):
+        if delivery.instance_id == instance_id:
+            if at in delivery.at:
+                return watch, Judgment()  # the same delivery reported again
+            pending[n] = Delivery(instance_id=instance_id, at=(*delivery.at, at))
+            break
+    else:
+        pending.append(Delivery(instance_id=instance_id, at=(at,)))
+    pushed = 0
+    while sum(len(d.at) for d in pending) > MAX_PENDING:
+        oldest = pending[0]
+        pushed += 1
+        if len(oldest.at) > 1:
+            pending[0] = Delivery(instance_id=oldest.instance_id, at=oldest.at[1:])
+        else:
+            pending.pop(0)
+    judgment = Judgment(pushed, 0)
+    after = watch.model_copy(update={"pending": tuple(pending),
+                                     "country": watch.country or country})
+    return count(after, judgment, at, policy), judgment
+
+
+def conclude(watch: Watch, instance_id: str, verified: bool, at: datetime,
+             policy: Policy) -> tuple[Watch, Judgment]:
+    """The verification concluded: its deliveries still waiting are judged now."""
+    delivery = next((d for d in watch.pending if d.instance_id == instance_id), None)
+    if delivery is None:
+        return watch, Judgment()  # judged before (no answer in time), or never seen here
+    judgment = Judgment(len(delivery.at), len(delivery.at) if verified else 0)
+    after = watch.model_copy(update={
+        "pending": tuple(d for d in watch.pending if d.instance_id != instance_id)})
+    return count(after, judgment, at, policy), judgment
+
+
+def expire(watch: Watch, now: datetime, policy: Policy) -> tuple[Watch, Judgment]:
+    """Deliveries unanswered for ``answer`` seconds are judged unconverted."""
+    since = now - timedelta(seconds=policy.answer)
+    pending, late = [], 0
+    for delivery in watch.pending:
+        kept = tuple(t for t in delivery.at if t > since)
+        late += len(delivery.at) - len(kept)
+        if kept:
+            pending.append(delivery if len(kept) == len(delivery.at)
+                           else Delivery(instance_id=delivery.instance_id, at=kept))
+    if not late:
+        return watch, Judgment()
+    judgment = Judgment(late, 0)
+    return count(watch.model_copy(update={"pending": tuple(pending)}), judgment, now,
+                 policy), judgment
+
+
+def count(watch: Watch, judgment: Judgment, at: datetime, policy: Policy) -> Watch:
+    """Add ``judgment`` to the bucket of ``at`` (a country's watch gets its prefixes')."""
+    if not judgment.judged and not judgment.converted:
+        return watch
+    width = bucket_width(policy)
+    start = datetime.fromtimestamp(math.floor(at.timestamp() / width) * width, at.tzinfo)
+    buckets = list(watch.judged)
+    for n, (when, judged, converted) in enumerate(buckets):
+        if when == start:
+            buckets[n] = (when, judged + judgment.judged, converted + judgment.converted)
+            break
+    else:
+        buckets.append((start, judgment.judged, judgment.converted))
+        buckets.sort(key=lambda bucket: bucket[0])
+    return watch.model_copy(update={"judged": tuple(buckets)})
+
+
+def bucket_width(policy: Policy) -> float:
+    """Judgments are counted in 60 buckets per window (a judgment leaves the window at most
+    one bucket early), at least a second wide."""
+    return max(1.0, policy.window / 60)
+
+
+def totals(watch: Watch, now: datetime, policy: Policy) -> Judgment:
+    """Judged and converted deliveries inside the window ending at ``now``."""
+    since = now - timedelta(seconds=policy.window)
+    return sum((Judgment(j, c) for when, j, c in watch.judged if when > since), Judgment())
+
+
+def judge(watch: Watch, level: Level, key: str, now: datetime, policy: Policy
+          ) -> tuple[Watch, FraudBlock | None]:
+    """Block the watch if its conversion is too low over enough judged deliveries."""
+    if watch.block is not None and watch.block.until > now:
+        return watch, None
+    if level == "prefix" and is_safe(key, policy):
+        return watch, None
+    judged, converted = totals(watch, now, policy)
+    if judged < policy.min_sends(level) or converted >= policy.min_conversion * judged:
+        return watch, None
+    until = now + timedelta(seconds=policy.block)
+    block = FraudBlock(level=level, key=key, blocked=True, blocked_until=until, judged=judged,
+                       converted=converted, at=now, by="guard")
+    return watch.model_copy(update={"block": Block(until=until, by="guard", at=now)}), block
+
+
+def lift(watch: Watch, level: Level, key: str, now: datetime, policy: Policy
+         ) -> tuple[Watch, FraudBlock | None]:
+    """End a block whose time is over; its judgments are forgotten (a fresh start)."""
+    if watch.block is None or watch.block.until > now:
+        return watch, None
+    judged, converted = totals(watch, now, policy)
+    record = FraudBlock(level=level, key=key, blocked=False, judged=judged,
+                        converted=converted, at=now, by="guard")
+    return watch.model_copy(update={"block": None, "judged": ()}), record
+
+
+def apply(watch: Watch, record: FraudBlock) -> Watch:
+    """A record of ``verification.fraud`` (an operator's, or the guard's own read back)."""
+    if record.blocked and record.blocked_until is not None:
+        block = Block(until=record.blocked_until, by=record.by, at=record.at)
+        return watch if watch.block == block else watch.model_copy(update={"block": block})
+    if watch.block is None or watch.block.at > record.at:
+        return watch  # nothing to lift, or a block newer than this unblock
+    return watch.model_copy(update={"block": None, "judged": ()})
+
+
+def prune(watch: Watch, now: datetime, policy: Policy) -> Watch:
+    """Forget buckets that left the window."""
+    since = now - timedelta(seconds=policy.window)
+    kept = tuple(bucket for bucket in watch.judged if bucket[0] > since)
+    return watch if kept == watch.judged else watch.model_copy(update={"judged": kept})
+
+
+def next_due(watch: Watch, policy: Policy) -> datetime | None:
+    """When a tick must next look at the watch: a delivery's answer window ends, a block
+    ends, or a bucket leaves the window."""
+    times = [min(d.at) + timedelta(seconds=policy.answer) for d in watch.pending]
+    if watch.block is not None:
+        times.append(watch.block.until)
+    if watch.judged:
+        times.append(watch.judged[0][0] + timedelta(seconds=policy.window))
+    return min(times, default=None)
+
+
+# ---------------------------------------------------------------- per client address
+
+
+class Address(_Frozen):
+    """One client address's admitted starts ``(origin, time)`` inside the window."""
+
+    starts: tuple[tuple[str, UtcTime], ...] = ()
+
+
+def client_address(text: str) -> str:
+    """The address in its canonical form; ValueError when it is not an IPv4 or IPv6 one."""
+    if not isinstance(text, str) or len(text) > 64:
+        raise ValueError("client_ip must be an IPv4 or IPv6 address")
+    try:
+        return str(ipaddress.ip_address(text.strip()))
+    except ValueError:
+        raise ValueError(f"client_ip {text[:64]!r} is not an IPv4 or IPv6 address") from None
+
+
+def admit_address(address: Address, origin: str, at: datetime, limit: int, window: float
+                  ) -> tuple[float | None, Address]:
+    """``(None, after)`` when the start ``origin`` is admitted, else ``(retry_after, same)``
+    with the seconds until a start from the address would be admitted."""
+    if any(o == origin for o, _ in address.starts):
+        return None, address  # delivered again: admitted the first time, counted once
+    span = timedelta(seconds=window)
+    recent = sorted(t for _, t in address.starts if at - span < t <= at + span)
+    if len(recent) >= limit:
+        frees = recent[len(recent) - limit] + span
+        return max(round((frees - at).total_seconds(), 3), 0.0), address
+    return None, address.model_copy(update={"starts": (*address.starts, (origin, at))})
+
+
+def prune_address(address: Address, now: datetime, window: float) -> Address:
+    """Forget starts that no later start can count (one window more for late arrivals)."""
+    since = now - timedelta(seconds=2 * window)
+    kept = tuple(entry for entry in address.starts if entry[1] > since)
+    return address if kept == address.starts else Address(starts=kept)
+
+
+def address_due(address: Address, window: float) -> datetime | None:
+    return min((t + timedelta(seconds=2 * window) for _, t in address.starts), default=None)
