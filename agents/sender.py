@@ -18,9 +18,9 @@ from phoneverify.agents import fence
 from phoneverify.agents.app import app, names, settings, sms_topic
 from phoneverify.agents.batch import Outbox, aggregate_table, batches, guarded
 from phoneverify.agents.records import dead_letter, describe, log
+from phoneverify.delivery import Delivery, backend_from, send_with_retry
 from phoneverify.models.messages import SendSms, SmsFailed, SmsSent
 from phoneverify.ops import metrics
-from phoneverify.sms import Delivery, backend_from, send_with_retry
 
 sent = aggregate_table("sms-sent")
 backend = backend_from(settings)

@@ -35,6 +35,7 @@ from yarl import URL
 
 from phoneverify.agents.actor import Stored, current, verifications
 from phoneverify.agents.app import app, names, settings
+from phoneverify.delivery.twilio_sender import RECEIPTS
 from phoneverify.interfaces.client import (
     InvalidInput,
     KafkaUnavailable,
@@ -47,7 +48,6 @@ from phoneverify.models.messages import INSTANCE_ID, Reply, SmsFailed, SmsSent, 
 from phoneverify.models.phone import mask
 from phoneverify.models.verification import Verification
 from phoneverify.ops import metrics
-from phoneverify.sms.twilio_sender import RECEIPTS
 from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify.http")

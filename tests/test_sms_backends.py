@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from phoneverify.delivery import Delivery, TransientSmsError, backend_from, send_with_retry
+from phoneverify.delivery.console import ConsoleBackend
+from phoneverify.delivery.twilio_sender import TwilioBackend
 from phoneverify.settings import Settings
-from phoneverify.sms import Delivery, TransientSmsError, backend_from, send_with_retry
-from phoneverify.sms.console import ConsoleBackend
-from phoneverify.sms.twilio_sender import TwilioBackend
 
 from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FROM_NUMBER, INVALID_NUMBER, FakeTwilio
 

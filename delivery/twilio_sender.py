@@ -20,8 +20,8 @@ from twilio.base.exceptions import TwilioRestException, TwilioServiceException
 from twilio.http.async_http_client import AsyncTwilioHttpClient
 from twilio.rest import Client
 
+from phoneverify.delivery import Delivery, TransientSmsError
 from phoneverify.settings import Settings
-from phoneverify.sms import Delivery, TransientSmsError
 
 #: Seconds one Messages request may take. The twilio async client sets no timeout of its own.
 DEFAULT_TIMEOUT = 10.0

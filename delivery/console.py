@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import sys
 
-from phoneverify.sms import Delivery
+from phoneverify.delivery import Delivery
 
 
 class ConsoleBackend:

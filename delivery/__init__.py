@@ -63,9 +63,9 @@ async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 
 def backend_from(settings: Settings) -> SmsBackend:
     """The backend SMS_BACKEND names: ``console`` (default) or ``twilio``."""
     if settings.sms_backend == "twilio":
-        from phoneverify.sms.twilio_sender import TwilioBackend
+        from phoneverify.delivery.twilio_sender import TwilioBackend
 
         return TwilioBackend.from_settings(settings)
-    from phoneverify.sms.console import ConsoleBackend
+    from phoneverify.delivery.console import ConsoleBackend
 
     return ConsoleBackend()
