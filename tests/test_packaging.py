@@ -46,7 +46,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _modules_in_the_source() -> set[str]:
-    """Every module of the package, and the broker's files, as wheel paths."""
+    """Every module of the package, the broker's files and the templates, as wheel paths."""
     found = set()
     for folder, dirs, files in os.walk(ROOT):
         rel = Path(folder).relative_to(ROOT)
@@ -54,8 +54,9 @@ def _modules_in_the_source() -> set[str]:
                                            or d.endswith(".egg-info")
                                            or (rel == Path() and d in NOT_PACKAGED))]
         broker = rel == Path("ops", "broker")
-        found |= {f"phoneverify/{(rel / name).as_posix()}"
-                  for name in files if name.endswith(".py") or broker}
+        templates = rel == Path("models", "templates")  # the locales' data files
+        found |= {f"phoneverify/{(rel / name).as_posix()}" for name in files
+                  if name.endswith(".py") or broker or (templates and name.endswith(".toml"))}
     return found
 
 
