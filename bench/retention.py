@@ -9,7 +9,8 @@ the domain model; written straight to the changelog, since driving a million ver
 through the service would take half an hour), then a worker is started on an empty store
 (a new machine: the whole changelog is restored), stopped, and started again on its store (a
 restart: only the changelog's tail is read). Each start is timed from the process start to the
-first ``200`` for the newest verification's status; memory is the worker's resident set then.
+first answer (``202``, or ``200`` once completed) for the newest verification's status; memory
+is the worker's resident set then.
 
 ``soak --minutes 30 --rate 50 --retention 60``: a worker with VERIFICATION_RETENTION_SECONDS
 at ``--retention`` runs verifications at ``--rate`` per second for ``--minutes``; every minute
@@ -93,11 +94,11 @@ class Worker:
             return r.status, await r.text()
 
     async def until_status(self, iid: str, since: float, timeout: float = 900) -> float:
-        """Seconds from ``since`` until the status of ``iid`` answers 200."""
+        """Seconds from ``since`` until the status of ``iid`` answers (200, 202 or 400)."""
         while time.monotonic() - since < timeout:
             assert self.process is not None and self.process.poll() is None, "worker exited"
             try:
-                if (await self.get(f"/verifications/{iid}"))[0] == 200:
+                if (await self.get(f"/verifications/{iid}"))[0] in (200, 202, 400):
                     return time.monotonic() - since
             except (aiohttp.ClientError, TimeoutError):
                 pass

@@ -404,10 +404,12 @@ async def cmd_status(args: argparse.Namespace) -> int:
             _print_json({"id": args.instance_id, "error": body.get("error")})
         print(f"phoneverify status: {body.get('error', 'not found')}", file=sys.stderr)
         return REFUSED
-    if status == 400:
+    is_status = isinstance(body, dict) and "runtimeStatus" in body
+    if status == 400 and not is_status:  # 400 with a status document: it was terminated
         raise Failure(body.get("error", "bad request"), USAGE)
-    if status != 200:
+    if status not in (200, 202, 400):  # Durable Functions' codes: 202 while it runs
         raise Failure(f"{url} answered {status}: {body.get('error', body)}", UNAVAILABLE)
+    body.pop("error", None)  # "was terminated" with the 400: the status says it
     if args.json:
         _print_json(body)
     else:

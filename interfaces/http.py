@@ -1,19 +1,24 @@
 """The seed's HTTP API on the worker's web server (``WEB_PORT``), Durable-Functions style.
 
     POST /verifications                                       start     -> 202 | 400 | 409 | 429
-    GET  /verifications/{id}                                  status    -> 200 | 404
+    GET  /verifications/{id}                                  status    -> 202 | 200 | 400 | 404
     POST /verifications/{id}/raiseEvent/SmsChallengeResponse  the code  -> 202 | 404 | 410
     POST /verifications/{id}/terminate?reason=...             terminate -> 202 | 404 | 410
 
 and the same under the seed's own paths (``POST /orchestrators/E4_SmsPhoneVerification``,
-``/admin/extensions/DurableTaskExtension/instances/{id}``...), so its requests paste unchanged.
+``/admin/extensions/DurableTaskExtension/instances/{id}``...), so its requests paste unchanged,
+and every one of them again under ``/api`` (where Azure Functions serves HTTP triggers).
+The status answers as Durable Functions' does: ``202`` (with ``Location``) while the
+verification is Pending or Running, ``200`` once Completed, ``400`` once Terminated.
 
 Writes are commands on the Kafka topics with a ``request_id``; each answers once the actor's
 ``Reply`` has come back (``504`` if none came within ``HTTP_REPLY_TIMEOUT_SECONDS``: the
 command may still take effect). So a started verification's status answers at once. Requests
 about one verification are served by the worker that owns its partition: another worker
-forwards them there (body and headers included). Every request needs ``X-API-Key`` (unless
-the check is off); errors are ``{"error": "..."}`` in words.
+forwards them there (body and headers included). Every request needs the key (unless the
+check is off): in ``X-API-Key``, or as Azure Functions takes it, in ``x-functions-key`` or
+``?code=``; it is never logged nor written into a URI the API generates. Errors, including
+unknown routes, are ``{"error": "..."}`` in words.
 """
 
 from __future__ import annotations
@@ -57,6 +62,12 @@ SEED = "/admin/extensions/DurableTaskExtension/instances"
 #: The same instance routes under the path today's Durable Functions documents.
 WEBHOOKS = "/runtime/webhooks/durabletask/instances"
 ROUTED = "X-Phoneverify-Routed"  # set on a request one worker forwards to the owner
+#: The seed's orchestrator, named in the status document as Durable Functions names it.
+ORCHESTRATOR = "E4_SmsPhoneVerification"
+#: Where Azure Functions serves HTTP triggers: every API route answers under it too.
+API_PREFIX = "/api"
+#: Request headers that carry the API key (besides ``?code=``), forwarded to the owner.
+KEY_HEADERS = ("X-API-Key", "x-functions-key")
 
 
 class HttpError(Exception):
@@ -72,8 +83,9 @@ class ApiView(web.View):
     """Checks the API key, the body size and the instance id before any handler or routing."""
 
     async def dispatch(self, request: Any) -> Any:
-        if not _authorised(request.headers.get("X-API-Key", "")):
-            return self.error(401, "missing or wrong X-API-Key header")
+        if not _authorised(_offered_keys(request)):
+            return self.error(401, "missing or wrong API key (send it in the X-API-Key "
+                                   "header)")
         if (request.content_length or 0) > settings.http_max_body_bytes:
             return self.error(413, f"request body over {settings.http_max_body_bytes} bytes")
         iid = request.match_info.get("instance_id")
@@ -87,13 +99,20 @@ class ApiView(web.View):
                              headers=error.headers)
 
 
-def _authorised(given: str) -> bool:
+def _offered_keys(request: web.Request) -> list[str]:
+    """The keys a request offers: ``X-API-Key``, ``x-functions-key``, ``?code=``."""
+    offered = [request.headers.get(name) for name in KEY_HEADERS]
+    return [key for key in (*offered, request.query.get("code")) if key]
+
+
+def _authorised(given: list[str]) -> bool:
     keys = settings.accepted_api_keys
     if not keys:
         return True
-    offered = given.encode(errors="replace")
-    # Compare with every key (constant time each), so timing tells nothing about which.
-    return sum(hmac.compare_digest(offered, key.encode()) for key in keys) > 0
+    # Compare each offered key with every key (constant time each), so timing tells nothing
+    # about which matched.
+    return sum(hmac.compare_digest(offered.encode(errors="replace"), key.encode())
+               for offered in given for key in keys) > 0
 
 
 # ---------------------------------------------------------------- start
@@ -124,11 +143,17 @@ class SeedStart(Start):
     seed = True
 
 
-def _uris(request: web.Request, iid: str, seed: bool) -> dict[str, str]:
+def _origin(request: web.Request) -> URL:
     origin = request.url.origin()
     forwarded = request.headers.get("X-Forwarded-Proto")
     if forwarded in ("http", "https"):  # behind a TLS-terminating proxy
         origin = origin.with_scheme(forwarded)
+    return origin
+
+
+def _uris(request: web.Request, iid: str, seed: bool) -> dict[str, str]:
+    """The follow-up URIs: never with the key (``code``), which a URI would leak to logs."""
+    origin = _origin(request)
     if not seed:
         base = f"{origin}/verifications/{iid}"
         return {"id": iid, "statusQueryGetUri": base,
@@ -145,13 +170,28 @@ def _uris(request: web.Request, iid: str, seed: bool) -> dict[str, str]:
 
 
 class Status(ApiView):
-    """``GET``: the verification's state, from the worker that owns it."""
+    """``GET``: the verification's state, from the worker that owns it, with Durable Functions'
+    codes: ``202`` and ``Location`` while Pending or Running, ``200`` once Completed (verified
+    or not: ``output`` says), ``400`` once Terminated."""
 
     async def get(self, request: web.Request, instance_id: str) -> web.Response:
-        return await _owned(request, instance_id, lambda: self._status(instance_id))
+        return await _owned(request, instance_id, lambda: self._status(request, instance_id))
 
-    async def _status(self, instance_id: str) -> web.Response:
-        return self.json(status_of(_started(instance_id).state))
+    async def _status(self, request: web.Request, instance_id: str) -> web.Response:
+        body = status_of(_started(instance_id).state)
+        match body["runtimeStatus"]:
+            case "Completed":
+                return self.json(body)
+            case "Terminated":
+                return self.json({"error": f"verification {instance_id} was terminated", **body},
+                                 status=400)
+        return self.json(body, status=202, headers={"Location": _self_uri(request)})
+
+
+def _self_uri(request: web.Request) -> str:
+    """The URI asked for, as the client reached it, without the key (``code``)."""
+    url = _origin(request).join(request.rel_url)
+    return str(url.with_query({k: v for k, v in url.query.items() if k != "code"}))
 
 
 class RaiseEvent(ApiView):
@@ -226,9 +266,11 @@ def status_of(state: Verification) -> dict[str, Any]:
                "verified": "Completed", "failed": "Completed",
                "terminated": "Terminated"}.get(state.status, "Pending")
     return {
+        "name": ORCHESTRATOR,
         "instanceId": state.instance_id,
         "runtimeStatus": runtime,
-        "input": mask(state.phone_number),
+        "input": mask(state.phone_number),  # masked: the number is personal data
+        "customStatus": None,
         "output": None if not state.is_final else state.status == "verified",
         "createdTime": _iso(state.created_at),
         "lastUpdatedTime": _iso(state.updated_at),
@@ -316,14 +358,17 @@ async def _owned(request: web.Request, instance_id: str, serve: Any) -> web.Resp
     if request.headers.get(ROUTED):
         raise HttpError(503, "this verification's partition is moving between workers; retry")
     body = await _body(request)
+    forwarded = {name.lower() for name in (*KEY_HEADERS, "Content-Type")}
     headers = {name: value for name, value in request.headers.items()
-               if name.lower() in ("x-api-key", "content-type")}
+               if name.lower() in forwarded}
     target = request.url.with_host(owner.host or "").with_port(owner.port)
     try:
         async with app.http_client.request(request.method, target, data=body,
                                            headers={**headers, ROUTED: "1"}) as answer:
             kept = {name: answer.headers[name] for name in ("Location", "Retry-After")
                     if name in answer.headers}
+            if "Location" in kept:  # the owner's own address: give the one the client used
+                kept["Location"] = _self_uri(request)
             return aioweb.Response(body=await answer.read(), status=answer.status,
                                    content_type=answer.content_type, headers=kept)
     except aiohttp.ClientError as error:
@@ -433,14 +478,33 @@ metrics.watch_lag(lambda: app.monitor)
 
 # ---------------------------------------------------------------- routes
 
-for path, view in (
-    ("/", Page),
-    ("/healthz", Health),
-    ("/readyz", Ready),
-    ("/metrics", Metrics),
-    (RECEIPTS, TwilioReceipt),
+
+@aioweb.middleware
+async def json_errors(request: aioweb.Request, handler: Any) -> aioweb.StreamResponse:
+    """Every error is ``{"error": ...}``: aiohttp's own (an unknown route, a method the route
+    lacks) and an unexpected exception (logged, answered 500) as much as the views'."""
+    try:
+        return await handler(request)
+    except aioweb.HTTPException as error:
+        if error.status < 400:
+            raise
+        words = {404: f"no such route: {request.path} (see the README for the API's routes)",
+                 405: f"{request.method} is not served at {request.path}; allowed: "
+                      f"{error.headers.get('Allow', '')}"}
+        headers = {k: v for k, v in error.headers.items() if k in ("Allow", "Retry-After")}
+        return aioweb.json_response({"error": words.get(error.status, error.reason)},
+                                    status=error.status, headers=headers)
+    except Exception:
+        log.exception("HTTP API: %s %s failed", request.method, request.path)
+        return aioweb.json_response({"error": "internal error (it is in the worker's log)"},
+                                    status=500)
+
+
+app.web.web_app.middlewares.append(json_errors)
+
+API = (
     ("/verifications", Start),
-    ("/orchestrators/E4_SmsPhoneVerification", SeedStart),
+    (f"/orchestrators/{ORCHESTRATOR}", SeedStart),
     ("/verifications/{instance_id}", Status),
     (f"{SEED}/{{instance_id}}", type("SeedStatus", (Status,), {})),
     ("/verifications/{instance_id}/raiseEvent/{event_name}", RaiseEvent),
@@ -452,5 +516,16 @@ for path, view in (
     (f"{WEBHOOKS}/{{instance_id}}/raiseEvent/{{event_name}}",
      type("WebhookRaiseEvent", (RaiseEvent,), {})),
     (f"{WEBHOOKS}/{{instance_id}}/terminate", type("WebhookTerminate", (TerminateView,), {})),
+)
+
+for path, view in (
+    ("/", Page),
+    ("/healthz", Health),
+    ("/readyz", Ready),
+    ("/metrics", Metrics),
+    (RECEIPTS, TwilioReceipt),
+    *API,
+    # The same API under /api, where Azure Functions serves HTTP triggers by default.
+    *((API_PREFIX + path, type(f"Api{view.__name__}", (view,), {})) for path, view in API),
 ):
     app.page(path, name=view.__name__)(view)

@@ -173,6 +173,8 @@ async def test_failed_and_terminated_outcomes_exit_1(shared):
     assert result.code == 1 and result.json()["status"] == "terminated"
     result = await run(shared.env(), "terminate", "cli-term-1x")
     assert result.code == 4 and "had already concluded (terminated)" in result.err
+    result = await run(shared.env(), "status", "cli-term-1x")  # the API answers it with 400
+    assert result.code == 1 and re.search(r"^status +Terminated$", result.out, re.M), result
 
 
 async def test_no_wait_only_sends(shared):

@@ -61,7 +61,7 @@ async def poll(session: aiohttp.ClientSession, url: str, until: Callable[[int, A
 
 
 def running(status: int, body: Any) -> bool:
-    return status == 200 and body["runtimeStatus"] == "Running"
+    return status == 202 and body["runtimeStatus"] == "Running"
 
 
 def assert_no_secrets(body: Any, instance_id: str, code: str) -> None:
@@ -77,7 +77,8 @@ async def test_every_request_needs_the_api_key(start_worker):
     async with aiohttp.ClientSession() as anonymous:
         for headers in ({}, {"X-API-Key": "wrong"}):
             status, body, _ = await post(anonymous, url, PHONE, headers=headers)
-            assert (status, body) == (401, {"error": "missing or wrong X-API-Key header"})
+            assert (status, body) == (401, {"error": "missing or wrong API key (send it in "
+                                                     "the X-API-Key header)"})
             async with anonymous.get(f"{url}/abc", headers=headers) as response:
                 assert response.status == 401
             status, _, _ = await post(anonymous, f"{url}/abc/terminate", raw=b"", headers=headers)
@@ -147,9 +148,14 @@ async def test_start_to_verified_with_a_numeric_code(deployment, start_worker, h
                     "sendEventPostUri": f"{status_url}/raiseEvent/SmsChallengeResponse",
                     "terminatePostUri": f"{status_url}/terminate?reason={{text}}"}
     assert headers["Location"] == status_url
-    # 202 means started: the status answers at once (as in the seed), no 404 first.
-    status, pending = await get(http, status_url)
-    assert status == 200 and pending["runtimeStatus"] in ("Pending", "Running")
+    # 202 means started: the status answers at once (as in the seed), no 404 first; and as
+    # Durable Functions answers, 202 with a Location while it runs.
+    async with http.get(status_url) as response:
+        status, pending = response.status, await response.json()
+        assert response.headers["Location"] == status_url
+    assert status == 202 and pending["runtimeStatus"] in ("Pending", "Running")
+    assert pending["name"] == "E4_SmsPhoneVerification" and pending["instanceId"] == iid
+    assert pending["customStatus"] is None
     assert pending["input"] == MASKED and pending["output"] is None
     assert pending["attemptsLeft"] == 4 and pending["reason"] is None
     assert pending["createdTime"].endswith("Z") and pending["deadline"] > pending["createdTime"]
@@ -162,6 +168,7 @@ async def test_start_to_verified_with_a_numeric_code(deployment, start_worker, h
     assert (status, answer) == (202, {"id": iid, "result": "verified", "attemptsLeft": 3,
                                       "runtimeStatus": "Completed", "output": True})
     status, done = await get(http, status_url)
+    assert status == 200
     assert done["runtimeStatus"] == "Completed" and done["output"] is True
     assert done["reason"] == "code_matched" and done["attempts"] == 1
     assert done["lastUpdatedTime"] >= done["createdTime"]
@@ -188,6 +195,7 @@ async def test_start_with_a_json_string_then_wrong_codes_fail(deployment, start_
     assert [(s, a["result"], a["attemptsLeft"], a["output"]) for s, a, _ in answers] == [
         (202, "wrong_code", 1, None), (202, "too_many_attempts", 0, False)]
     status, done = await get(http, body["statusQueryGetUri"])
+    assert status == 200  # completed (it returned false), as the seed's orchestrator does
     assert done["runtimeStatus"] == "Completed" and done["output"] is False
     assert done["reason"] == "too_many_attempts" and done["attemptsLeft"] == 0
     assert_no_secrets(done, iid, code)
@@ -201,6 +209,8 @@ async def test_terminate(start_worker, http):
     assert (status, answer["result"], answer["runtimeStatus"]) == (202, "terminated",
                                                                    "Terminated")
     status, done = await get(http, body["statusQueryGetUri"])
+    assert status == 400  # Durable Functions: "the specified instance failed or was terminated"
+    assert done["error"] == f"verification {body['id']} was terminated"
     assert done["runtimeStatus"] == "Terminated" and done["output"] is False
     assert done["reason"] == "terminated" and done["terminateReason"] == "changed my mind"
     assert done["input"] == MASKED
@@ -240,7 +250,7 @@ async def test_the_seeds_own_requests_work_unchanged(deployment, start_worker, h
     # The seed's status request, with its query parameters (accepted and ignored).
     status, state = await get(http, f"{seed}?taskHub=DurableFunctionsHub&connection=Storage"
                                     "&code=XYZ")
-    assert status == 200 and state["instanceId"] == iid
+    assert status == 202 and state["instanceId"] == iid
     async with Client(deployment) as kafka:
         code = await kafka.sms_code(iid)
     raise_event = body["sendEventPostUri"].replace("{eventName}", "SmsChallengeResponse")
@@ -281,8 +291,11 @@ async def test_commands_reach_the_owning_worker_from_either(start_worker, http):
     # own: it answers 503 then), and the other way round: status, a code (its body travels
     # along), a terminate.
     for iid, asked in ((iid_b, a), (iid_a, b), (iid_b, b), (iid_a, a)):
-        status, answer = await get(http, f"{base(asked)}/verifications/{iid}")
-        assert status == 200 and answer["instanceId"] == iid and answer["input"] == MASKED
+        url = f"{base(asked)}/verifications/{iid}"
+        async with http.get(url) as response:
+            answer = await response.json()
+            assert response.status == 202 and response.headers["Location"] == url
+        assert answer["instanceId"] == iid and answer["input"] == MASKED
     for iid, asked in ((iid_b, a), (iid_a, b)):
         status, answer, _ = await post(
             http, f"{base(asked)}/verifications/{iid}/raiseEvent/SmsChallengeResponse",
@@ -292,3 +305,53 @@ async def test_commands_reach_the_owning_worker_from_either(start_worker, http):
             http, f"{base(asked)}/verifications/{iid}/terminate?reason=routed", raw=b"")
         assert (status, answer["result"]) == (202, "terminated")
     assert await owner(a, iid_b) == "b" and await owner(b, iid_a) == "a"
+
+
+async def test_azure_functions_forms_the_api_prefix_and_the_key(deployment, start_worker):
+    """As a seed client on Azure Functions calls it: under /api, the key as ``?code=`` or in
+    ``x-functions-key``; the key is never echoed in a URI nor logged."""
+    worker = start_worker()
+    secret = "test-api-key"
+    async with aiohttp.ClientSession() as anonymous:
+        status, body, headers = await post(
+            anonymous, f"{base(worker)}/api/orchestrators/E4_SmsPhoneVerification?code={secret}",
+            "+1 425-555-0163")
+        assert status == 202, body
+        iid = body["id"]
+        assert secret not in json.dumps(body) and secret not in headers["Location"]
+        # The key in Azure's header, the seed's URI as given, under /api too.
+        functions_key = {"x-functions-key": secret}
+        for url in (body["statusQueryGetUri"],
+                    f"{base(worker)}/api/verifications/{iid}",
+                    f"{base(worker)}/api/runtime/webhooks/durabletask/instances/{iid}"):
+            async with anonymous.get(url, headers=functions_key) as response:
+                assert response.status == 202 and (await response.json())["instanceId"] == iid
+        # ?code= on a status request: Location is the same URI without the key.
+        url = f"{base(worker)}/verifications/{iid}"
+        async with anonymous.get(f"{url}?code={secret}") as response:
+            assert response.status == 202 and response.headers["Location"] == url
+        async with anonymous.get(f"{url}?code=wrong") as response:
+            assert response.status == 401
+        async with anonymous.get(url, headers={"x-functions-key": "wrong"}) as response:
+            assert response.status == 401
+        async with Client(deployment) as kafka:
+            code = await kafka.sms_code(iid)
+        status, answer, _ = await post(
+            anonymous, f"{base(worker)}/api/verifications/{iid}/raiseEvent/SmsChallengeResponse"
+            f"?code={secret}", code)
+        assert (status, answer["result"]) == (202, "verified")
+    assert secret not in worker.log()
+
+
+async def test_unknown_routes_and_methods_answer_json(start_worker, http):
+    worker = start_worker()
+    for method, path, status, words in (
+            ("GET", "/nothing/here", 404, "no such route: /nothing/here"),
+            ("GET", "/api", 404, "no such route"),
+            ("POST", "/verifications/abc/raiseEvent/x/y", 404, "no such route"),
+            ("DELETE", "/verifications", 405, "DELETE is not served at /verifications"),
+            ("GET", "/api/orchestrators/E4_SmsPhoneVerification", 405, "GET is not served at")):
+        async with http.request(method, base(worker) + path) as response:
+            assert response.status == status, (method, path)
+            assert response.content_type == "application/json"
+            assert words in (await response.json())["error"], (method, path)
