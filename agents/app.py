@@ -13,7 +13,7 @@ import threading
 import faust
 
 from phoneverify.ops import faust_fixes
-from phoneverify.ops.logs import json_logging
+from phoneverify.ops.logs import json_logging, text_logging
 from phoneverify.settings import Settings
 from phoneverify.topics import Names
 
@@ -57,7 +57,8 @@ app = faust.App(
     consumer_auto_offset_reset="earliest",
     broker_commit_interval=1.0,
     worker_redirect_stdouts_level="INFO",  # the console SMS backend prints; not a warning
-    logging_config=json_logging(settings.log_level) if settings.log_format == "json" else None,
+    logging_config=(json_logging(settings.log_level) if settings.log_format == "json"
+                    else text_logging()),
 )
 
 

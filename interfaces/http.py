@@ -309,6 +309,16 @@ async def _ask(call: Any) -> Reply:
         raise HttpError(503, "Kafka is not reachable from this worker; retry") from None
 
 
+@app.on_before_shutdown.connect
+async def _close_client(sender: Any, **kwargs: Any) -> None:
+    """Stop the HTTP side's client (its producer and reply reader) with the worker: left open,
+    aiokafka reports an unclosed producer at every stop."""
+    global _client
+    if _client is not None:
+        client, _client = _client, None
+        await client.close()
+
+
 def _refusal(reply: Reply) -> HttpError:
     why, result = explain_refusal(reply), reply.result
     match result:

@@ -1,9 +1,11 @@
-"""Two patches to faust-streaming 0.15.x, applied when the app is imported.
+"""Three patches to faust-streaming 0.15.x, applied when the app is imported.
 
 1. A fix for a message-loss race (seek before resume), below.
 2. The consumer's fetch loop hands a whole fetch to the conductor under one ``wait_first``
    instead of one per record (:func:`_drain_messages`): the same behaviour, without two tasks
    per record, which were the largest part of Faust's per-record cost in our profiles.
+3. Faust's stall detector reports a partition only when its records have been waiting for
+   ``stream_processing_timeout`` (:func:`_stall_when_waiting`), not at a record that just came.
 
 The race:
 
@@ -28,8 +30,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
+from aiokafka import TopicPartition
 from faust.tables.recovery import Recovery
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
 from faust.types import TP
 
@@ -76,6 +80,65 @@ def apply() -> None:
     seek = AIOKafkaConsumer.seek_to_committed
     if not getattr(seek, _PATCHED, False):
         AIOKafkaConsumer.seek_to_committed = _recording_seek(seek)  # type: ignore[method-assign]
+    verify = AIOKafkaConsumerThread.verify_event_path
+    if not getattr(verify, _PATCHED, False):
+        AIOKafkaConsumerThread.verify_event_path = (  # type: ignore[method-assign]
+            _stall_when_waiting(verify))
+
+
+# ---------------------------------------------------------------- stalls: records waiting
+
+#: Per partition: since when its records have been waiting at every check, and the last check
+#: (monotonic time).
+_WAITING = "_phoneverify_waiting_since"
+
+
+def waiting_since(seen: tuple[float, float] | None, now: float, highwater: int | None,
+                  position: int | None, gap: float) -> float | None:
+    """Since when a partition's records have been waiting at every check, as of this check
+    (``now``): ``None`` when none wait (it has read up to the end of the partition). ``seen``
+    is (since, last check) from the check before; one more than ``gap`` ago (the partition
+    was elsewhere meanwhile, or checks paused for a rebalance) does not count."""
+    if highwater is None or position is None or highwater <= position:
+        return None
+    if seen is None or now - seen[1] > gap:
+        return now
+    return seen[0]
+
+
+def _stall_when_waiting(method: Callable[[Any, float, TP], None]
+                        ) -> Callable[[Any, float, TP], None]:
+    """Faust's stall detector (``verify_event_path``, every 2.5 commit intervals), only for
+    partitions whose records have been waiting at every check for ``stream_processing_timeout``.
+
+    Faust reports a partition as stalled when, at the moment of a check, its end offset is
+    ahead of the position read (a record just came: every busy partition, now and then) and
+    the stream has processed nothing from it since the worker started, or since the last
+    rebalance, which clears that record. So after a second worker left, the one remaining
+    logged an ERROR block for each partition it took over that received a record around a
+    check (idle admission and tick partitions among them), while all was well; and, with a
+    short timeout, that it "has not sent fetch request" for changelog partitions it does not
+    need to read (their tables were up to date). A real stall (a fetcher, a stream or commits
+    stopped) keeps records waiting: Faust still says which.
+    """
+
+    @functools.wraps(method)
+    def wrapper(self: AIOKafkaConsumerThread, now: float, tp: TP) -> None:
+        assignment = self._ensure_consumer()._fetcher._subscriptions.subscription.assignment
+        state = assignment.state_value(TopicPartition(tp.topic, tp.partition))
+        waiting: dict[TP, tuple[float, float]] = self.__dict__.setdefault(_WAITING, {})
+        since = waiting_since(waiting.get(tp), now, getattr(state, "highwater", None),
+                              getattr(state, "position", None),
+                              gap=3 * 2.5 * self.consumer.commit_interval)
+        if since is None:
+            waiting.pop(tp, None)
+            return
+        waiting[tp] = (since, now)
+        if now - since >= self.tp_stream_timeout_secs:
+            method(self, now, tp)
+
+    setattr(wrapper, _PATCHED, True)
+    return wrapper
 
 
 #: Where the consumer keeps, per partition, the offset that must come next (after a seek to

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 from aiokafka.errors import GroupCoordinatorNotAvailableError, NotLeaderForPartitionError
+from colorlog import TTYColoredFormatter
+from mode.utils.logging import DEFAULT_COLORS, ExtensionFormatter
 
 COORDINATOR_LOGGER = "aiokafka.consumer.group_coordinator"
 COORDINATOR_FAILED = "Group Coordinator Request failed: %s"
@@ -71,6 +75,35 @@ def quiet_harmless_startup_errors(window: float = STARTUP_SECONDS) -> HarmlessSt
     for logger in loggers:
         logger.addFilter(installed)
     return installed
+
+
+# ---------------------------------------------------------------- LOG_FORMAT=text
+
+#: mode's format, whose ``" %(extra)s"`` ended every line with a space (a script reading the
+#: last field of a line, such as the code of a console SMS, found nothing): the separator is
+#: now part of the extra, present only when there is one.
+TEXT_FORMAT = "[%(asctime)s] [%(process)s] [%(levelname)s] %(log_color)s%(message)s%(extra)s"
+
+
+class TextFormatter(ExtensionFormatter):
+    """mode's console formatter (colours on a terminal), without trailing spaces."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        self._format_args(record)  # as mode does
+        data = record.__dict__.get("data") or {}
+        record.extra = " " + ", ".join(f"{k}={v!r}" for k, v in data.items()) if data else ""
+        text = TTYColoredFormatter.format(self, record)
+        # Faust's own multi-line messages (tables) end some lines with spaces too.
+        return "\n".join(line.rstrip() for line in text.split("\n")) if " \n" in text else (
+            text.rstrip(" "))
+
+
+def text_logging() -> dict[str, Any]:
+    """Faust's ``logging_config`` for text lines: mode's handlers, :class:`TextFormatter`."""
+    formatter = {"()": f"{__name__}.TextFormatter", "format": TEXT_FORMAT,
+                 "log_colors": DEFAULT_COLORS, "stream": sys.stdout}
+    return {"merge": True, "formatters": {"colored": formatter, "default": {
+        **formatter, "format": TEXT_FORMAT.replace("%(log_color)s", "")}}}
 
 
 # ---------------------------------------------------------------- LOG_FORMAT=json

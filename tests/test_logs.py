@@ -83,3 +83,19 @@ def test_installing_twice_adds_one_filter(installed: HarmlessStartupErrors) -> N
 
     assert again is installed
     assert [f for f in coordinator.filters if isinstance(f, HarmlessStartupErrors)] == [again]
+
+
+# ---------------------------------------------------------------- Faust's stall detector
+
+def test_a_stall_is_records_waiting_at_every_check() -> None:
+    from phoneverify.ops.faust_fixes import waiting_since
+
+    # Read to the end (or nothing known yet): nothing waits.
+    assert waiting_since(None, 10.0, highwater=5, position=5, gap=7.5) is None
+    assert waiting_since((1.0, 9.0), 10.0, highwater=None, position=None, gap=7.5) is None
+    # A record that just came: waiting from now, not since the worker started.
+    assert waiting_since(None, 10.0, highwater=6, position=5, gap=7.5) == 10.0
+    # Still waiting at the next check: since the first.
+    assert waiting_since((10.0, 10.0), 12.5, highwater=9, position=7, gap=7.5) == 10.0
+    # Last seen waiting long ago (the partition was elsewhere): from now.
+    assert waiting_since((10.0, 10.0), 100.0, highwater=9, position=7, gap=7.5) == 100.0
