@@ -2,10 +2,13 @@
 
 Stateless, so it does not care which partition a start was written to. An invalid or blocked
 number is refused here: the verdict goes straight to the actor (which answers and publishes
-the outcome, since the instance id is known).
+the outcome, since the instance id is known). An invalid number is a person's typo, not a
+record that cannot be read: it gets its answer and an INFO line, not a dead letter (rule 7).
 """
 
 from __future__ import annotations
+
+import logging
 
 from faust.types import EventT, StreamT
 from pydantic import ValidationError
@@ -16,6 +19,8 @@ from phoneverify.agents.records import dead_letter, describe, origin_of, record_
 from phoneverify.models.messages import Admission, PhoneStart, StartVerification
 from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, admissible
 from phoneverify.topics import partition_for
+
+log = logging.getLogger("phoneverify")
 
 
 @app.agent(start_topic, concurrency=1)
@@ -46,8 +51,7 @@ async def take(outbox: Outbox, event: EventT) -> None:
         phone = admissible(start.phone_number, settings.phone_default_region,
                            settings.number_policy)
     except (InvalidPhoneNumber, BlockedNumber) as error:
-        if isinstance(error, InvalidPhoneNumber):
-            await dead_letter(outbox, event, f"phone_number: {error}")
+        log.info("start %s refused: %s", start.instance_id, error)  # never the number
         verdict = Admission(
             instance_id=start.instance_id, requested_at=at, origin=origin,
             request_id=start.request_id, detail=str(error),

@@ -395,7 +395,7 @@ def expect(record: Record) -> Expected:
         try:
             admissible(fields["phone_number"], "US", NumberPolicy())
         except InvalidPhoneNumber:
-            return Expected(1, "invalid phone number", reply, "invalid_phone_number")
+            return Expected(0, "invalid phone number: answered", reply, "invalid_phone_number")
         except ValueError:
             pass  # blocked: an outcome, no dead letter
         return Expected(0, "a start", reply)
