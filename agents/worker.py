@@ -3,10 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import logging.config
 import os
+import signal
+import socket
 import sys
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether another process listens on ``host:port`` (bound as aiohttp binds it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
+def stop_on_hangup() -> None:
+    """Closing the terminal (SIGHUP) stops the worker as Ctrl-C does: before Faust runs, as a
+    KeyboardInterrupt; once it runs, with mode's stopping sequence (as SIGTERM)."""
+    from mode.worker import Worker
+
+    signal.signal(signal.SIGHUP, signal.default_int_handler)
+    install = Worker._install_signal_handlers_unix
+    if getattr(install, "hangup", False):
+        return
+
+    def with_hangup(self: Worker) -> None:
+        install(self)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_sigterm)
+
+    with_hangup.hangup = True  # type: ignore[attr-defined]
+    Worker._install_signal_handlers_unix = with_hangup  # type: ignore[method-assign]
 
 
 def run_worker(argv: list[str] | None = None) -> None:
@@ -28,17 +62,26 @@ def run_worker(argv: list[str] | None = None) -> None:
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)  # headers of each send
     log = logging.getLogger("phoneverify")
     say = log.info
+    if port_taken(settings.web_host, settings.web_port):
+        log.error("port %d (WEB_PORT) on %s is taken, by another worker or program: set "
+                  "WEB_PORT to a free port (a second worker here needs its own DATA_DIR too)",
+                  settings.web_port, settings.web_host)
+        raise SystemExit(2)
+    stop_on_hangup()
     (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
-    created, replicas = asyncio.run(ensure_topics(settings))
-    if created:
-        say("created topics (%d replica%s each): %s", replicas, "s" if replicas > 1 else "",
-            ", ".join(created))
-    os.environ["REPLICATION_FACTOR"] = str(replicas)  # for Faust's own topics
     try:
+        created, replicas = asyncio.run(ensure_topics(settings))
+        if created:
+            say("created topics (%d replica%s each): %s", replicas, "s" if replicas > 1 else "",
+                ", ".join(created))
+        os.environ["REPLICATION_FACTOR"] = str(replicas)  # for Faust's own topics
         asyncio.run(check_code_key(settings))
     except KeyMismatch as error:
         log.error("%s", error)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        say("stopped while starting (nothing was consuming yet)")
+        raise SystemExit(130) from None
     from phoneverify.agents.app import (
         app,  # imported after the topics exist: Faust subscribes on start
     )
