@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also print the outcomes published before (from the start of the "
                             "topic)")
 
+    schema = sub.add_parser(
+        "schema", help="print the API documents: openapi (HTTP, JSON) or asyncapi (topics, YAML)",
+        description="Print a document generated from the service's models: openapi (the HTTP "
+                    "API, as GET /openapi.json serves it) or asyncapi (the Kafka topics, as "
+                    "docs/asyncapi.yaml).", formatter_class=raw,
+        epilog="example:\n  phoneverify schema asyncapi --output docs/asyncapi.yaml")
+    schema.add_argument("document", choices=("openapi", "asyncapi"))
+    schema.add_argument("--output", metavar="FILE", help="write it there (default: stdout)")
+
     sub.add_parser("replay", add_help=False,
                    help="rebuild state from verification.events and compare "
                         "(phoneverify replay --help)")
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         return replay.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "schema":
+        return _schema(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # errors are reported below
     handler = HANDLERS[args.command]
@@ -170,6 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return OK
+
+
+def _schema(args: argparse.Namespace) -> int:
+    """Print (or write) the OpenAPI or AsyncAPI document."""
+    if args.document == "openapi":
+        from phoneverify.interfaces.http import api_document
+
+        text = json.dumps(api_document(), indent=2) + "\n"
+    else:
+        from phoneverify.interfaces.asyncapi import document_yaml
+
+        text = document_yaml()
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as file:
+            file.write(text)
+    else:
+        sys.stdout.write(text)
+    return OK
 
 
 # ---------------------------------------------------------------- commands over Kafka

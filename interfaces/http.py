@@ -24,6 +24,7 @@ unknown routes, are ``{"error": "..."}`` in words.
 from __future__ import annotations
 
 import hmac
+import importlib.metadata
 import json
 import logging
 import math
@@ -35,12 +36,32 @@ from urllib.parse import parse_qsl
 import aiohttp
 from aiohttp import web as aioweb
 from faust import web
+from pydantic import ValidationError
 from twilio.request_validator import RequestValidator
 from yarl import URL
 
 from phoneverify.agents.actor import Stored, current, verifications
 from phoneverify.agents.app import app, names, settings
 from phoneverify.delivery.twilio_sender import RECEIPTS
+from phoneverify.interfaces import openapi
+from phoneverify.interfaces.bodies import (
+    CODE_BODY,
+    START_BODY,
+    ApiError,
+    Body,
+    Concluded,
+    Decided,
+    Liveness,
+    Readiness,
+    SeedQuery,
+    SeedTerminateQuery,
+    Started,
+    StartRequest,
+    TerminatedStatus,
+    TerminateQuery,
+    TwilioCallback,
+    VerificationStatus,
+)
 from phoneverify.interfaces.client import (
     InvalidInput,
     KafkaUnavailable,
@@ -49,7 +70,7 @@ from phoneverify.interfaces.client import (
     VerificationClient,
     explain_refusal,
 )
-from phoneverify.models.messages import INSTANCE_ID, Reply, SmsFailed, SmsSent, iso
+from phoneverify.models.messages import INSTANCE_ID, Reply, SmsFailed, SmsSent, explain, iso
 from phoneverify.models.phone import mask
 from phoneverify.models.verification import Verification
 from phoneverify.ops import metrics
@@ -118,29 +139,61 @@ def _authorised(given: list[str]) -> bool:
 # ---------------------------------------------------------------- start
 
 
+#: Answers every write may give besides its own: Kafka unreachable, no reply in time.
+WRITE_ERRORS = {503: ApiError, 504: ApiError}
+#: Answers of every request about one verification: a bad id in the path, its partition
+#: moving (or its owner not answering a forward).
+OWNED_ERRORS = {400: ApiError, 503: ApiError}
+
+
 class Start(ApiView):
     """``POST`` a phone number (a JSON string, as in the seed, or ``{"phone_number",
     "instance_id"}``): ``202`` once the verification is started."""
 
     seed = False
 
+    @openapi.operation(
+        "Start a verification: send the code by SMS", body=START_BODY, query=SeedQuery,
+        description="Answers once the verification is started (its status answers at once).",
+        responses={202: Started, 400: ApiError, 409: ApiError, 429: ApiError, **WRITE_ERRORS},
+        headers={202: {"Location": "the status URI"},
+                 429: {"Retry-After": "seconds until a start may be admitted"}})
     async def post(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        if isinstance(body, str):
-            body = {"phone_number": body}
-        if not isinstance(body, dict) or not isinstance(body.get("phone_number"), str):
-            raise HttpError(400, 'body must be the phone number as a JSON string, or an '
-                                 'object {"phone_number": "...", "instance_id": "..."}')
-        iid = body.get("instance_id")
-        if iid is not None and not (isinstance(iid, str) and INSTANCE_ID.fullmatch(iid)):
-            raise HttpError(400, "instance_id: use 1 to 64 characters of A-Z a-z 0-9 . _ -")
-        reply = await _ask(lambda c: c.start(body["phone_number"], iid or uuid.uuid4().hex))
+        start = _start_request(await _json_body(request))
+        reply = await _ask(lambda c: c.start(start.phone_number,
+                                             start.instance_id or uuid.uuid4().hex))
         uris = _uris(request, reply.instance_id, seed=self.seed)
-        return self.json(uris, status=202, headers={"Location": uris["statusQueryGetUri"]})
+        return self.json(uris.dump(), status=202, headers={"Location": uris.statusQueryGetUri})
 
 
 class SeedStart(Start):
     seed = True
+
+
+def _start_request(body: Any) -> StartRequest:
+    """The start's body as its model, or 400 saying what is wrong."""
+    if isinstance(body, str):
+        body = {"phone_number": body}
+    if not isinstance(body, dict):
+        raise HttpError(400, 'body must be the phone number as a JSON string, or an object '
+                             '{"phone_number": "...", "instance_id": "..."}')
+    return _parse(StartRequest, body)
+
+
+#: Words for what pydantic says in its own terms, by field.
+HINTS = {"instance_id": "use 1 to 64 characters of A-Z a-z 0-9 . _ -",
+         "reason": "at most 500 characters"}
+
+
+def _parse(model: type[Body], body: Any) -> Any:
+    """``body`` as ``model`` (strict: no type is coerced), or 400 saying which field is wrong
+    and why (never echoing the input)."""
+    try:
+        return model.model_validate(body, strict=True)
+    except ValidationError as error:
+        fields = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
+        hints = [f"{name}: {HINTS[name]}" for name in sorted(fields & HINTS.keys())]
+        raise HttpError(400, "; ".join(hints) or explain(error)) from None
 
 
 def _origin(request: web.Request) -> URL:
@@ -151,19 +204,19 @@ def _origin(request: web.Request) -> URL:
     return origin
 
 
-def _uris(request: web.Request, iid: str, seed: bool) -> dict[str, str]:
+def _uris(request: web.Request, iid: str, seed: bool) -> Started:
     """The follow-up URIs: never with the key (``code``), which a URI would leak to logs."""
     origin = _origin(request)
     if not seed:
         base = f"{origin}/verifications/{iid}"
-        return {"id": iid, "statusQueryGetUri": base,
-                "sendEventPostUri": f"{base}/raiseEvent/{EVENT}",
-                "terminatePostUri": f"{base}/terminate?reason={{text}}"}
+        return Started(id=iid, statusQueryGetUri=base,
+                       sendEventPostUri=f"{base}/raiseEvent/{EVENT}",
+                       terminatePostUri=f"{base}/terminate?reason={{text}}")
     base = f"{origin}{SEED}/{iid}"
     query = "taskHub=phoneverify&connection=Kafka"
-    return {"id": iid, "statusQueryGetUri": f"{base}?{query}",
-            "sendEventPostUri": f"{base}/raiseEvent/{{eventName}}?{query}",
-            "terminatePostUri": f"{base}/terminate?reason={{text}}&{query}"}
+    return Started(id=iid, statusQueryGetUri=f"{base}?{query}",
+                   sendEventPostUri=f"{base}/raiseEvent/{{eventName}}?{query}",
+                   terminatePostUri=f"{base}/terminate?reason={{text}}&{query}")
 
 
 # ---------------------------------------------------------------- one verification
@@ -174,11 +227,18 @@ class Status(ApiView):
     codes: ``202`` and ``Location`` while Pending or Running, ``200`` once Completed (verified
     or not: ``output`` says), ``400`` once Terminated."""
 
+    @openapi.operation(
+        "A verification's status", query=SeedQuery,
+        responses={200: VerificationStatus, 202: VerificationStatus,
+                   400: TerminatedStatus | ApiError, 404: ApiError, 503: ApiError},
+        description="202 (with Location) while Pending or Running, 200 once Completed "
+                    "(verified or not: output says), 400 once Terminated (or for a bad id).",
+        headers={202: {"Location": "this URI: poll it"}})
     async def get(self, request: web.Request, instance_id: str) -> web.Response:
         return await _owned(request, instance_id, lambda: self._status(request, instance_id))
 
     async def _status(self, request: web.Request, instance_id: str) -> web.Response:
-        body = status_of(_started(instance_id).state)
+        body = status_of(_started(instance_id).state).dump()
         match body["runtimeStatus"]:
             case "Completed":
                 return self.json(body)
@@ -197,6 +257,13 @@ def _self_uri(request: web.Request) -> str:
 class RaiseEvent(ApiView):
     """``POST`` the code: a JSON string of digits, or a JSON number as in the seed."""
 
+    @openapi.operation(
+        "Submit the code (event SmsChallengeResponse)", body=CODE_BODY, query=SeedQuery,
+        path={"event_name": {"type": "string", "enum": [EVENT], "description": "the event"}},
+        description=f"The event name must be {EVENT}; the body the code, as a JSON string of "
+                    "digits (leading zeros count) or a JSON number (left-padded with zeros).",
+        responses={202: Decided, 404: ApiError, 410: Concluded, **OWNED_ERRORS,
+                   **WRITE_ERRORS})
     async def post(self, request: web.Request, instance_id: str,
                    event_name: str) -> web.Response:
         if event_name != EVENT:
@@ -206,28 +273,33 @@ class RaiseEvent(ApiView):
 
     async def _code(self, request: web.Request, instance_id: str) -> web.Response:
         body = await _json_body(request)
-        if isinstance(body, int) and not isinstance(body, bool) and 0 <= body < 10**32:
-            body = str(body).zfill(settings.verification_code_length)
-        if not isinstance(body, str) or not (body.isascii() and body.isdigit()):
+        if isinstance(body, float) and body.is_integer():  # 42.0 is the JSON integer 42
+            body = int(body)
+        try:
+            code = CODE_BODY.validate_python(body)
+        except ValidationError:
             raise HttpError(400, 'the body must be the code: a JSON string of digits ("0042")'
-                                 " or a non-negative JSON integer")
+                                 " or a non-negative JSON integer") from None
+        if isinstance(code, int):
+            code = str(code).zfill(settings.verification_code_length)
         _started(instance_id)
-        reply = await _ask(lambda c: c.submit_code(instance_id, body))
+        reply = await _ask(lambda c: c.submit_code(instance_id, code))
         return _answer(self, reply)
 
 
 class TerminateView(ApiView):
     """``POST ?reason=...``: end the verification now."""
 
+    @openapi.operation("Terminate a verification", query=SeedTerminateQuery,
+                       responses={202: Decided, 404: ApiError, 410: Concluded, **OWNED_ERRORS,
+                                  **WRITE_ERRORS})
     async def post(self, request: web.Request, instance_id: str) -> web.Response:
         return await _owned(request, instance_id, lambda: self._terminate(request, instance_id))
 
     async def _terminate(self, request: web.Request, instance_id: str) -> web.Response:
-        reason = request.query.get("reason", "")
-        if len(reason) > 500:
-            raise HttpError(400, "reason: at most 500 characters")
+        query: TerminateQuery = _parse(TerminateQuery, dict(request.query))
         _started(instance_id)
-        reply = await _ask(lambda c: c.terminate(instance_id, reason))
+        reply = await _ask(lambda c: c.terminate(instance_id, query.reason))
         return _answer(self, reply)
 
 
@@ -242,12 +314,13 @@ def _started(instance_id: str) -> Stored:
 
 def _answer(view: web.View, reply: Reply) -> web.Response:
     """A response or terminate decided: 202 with the result, or 410 if it had concluded."""
-    body = {"id": reply.instance_id, "result": reply.result, "attemptsLeft": reply.attempts_left,
-            "runtimeStatus": RUNTIME[reply.status], "output": OUTPUT[reply.status]}
+    body = Decided(id=reply.instance_id, result=reply.result, attemptsLeft=reply.attempts_left,
+                   runtimeStatus=RUNTIME[reply.status], output=OUTPUT[reply.status])
     if reply.result == "ended":
-        return view.json({"error": f"verification {reply.instance_id} had already concluded "
-                                   f"({reply.status}); nothing changed", **body}, status=410)
-    return view.json(body, status=202)
+        error = (f"verification {reply.instance_id} had already concluded ({reply.status}); "
+                 "nothing changed")
+        return view.json({"error": error, **body.dump()}, status=410)
+    return view.json(body.dump(), status=202)
 
 
 RUNTIME = {"pending": "Running", "verified": "Completed", "failed": "Completed",
@@ -260,27 +333,27 @@ SMS_STATES = {"none": None, "requested": "requested", "accepted": "sent",
               "delivered": "delivered"}
 
 
-def status_of(state: Verification) -> dict[str, Any]:
+def status_of(state: Verification) -> VerificationStatus:
     """The status document: never the code nor its hash."""
     runtime = {"pending": "Running" if state.sms in ("accepted", "delivered") else "Pending",
                "verified": "Completed", "failed": "Completed",
                "terminated": "Terminated"}.get(state.status, "Pending")
-    return {
-        "name": ORCHESTRATOR,
-        "instanceId": state.instance_id,
-        "runtimeStatus": runtime,
-        "input": mask(state.phone_number),  # masked: the number is personal data
-        "customStatus": None,
-        "output": None if not state.is_final else state.status == "verified",
-        "createdTime": _iso(state.created_at),
-        "lastUpdatedTime": _iso(state.updated_at),
-        "attempts": state.attempts,
-        "attemptsLeft": state.attempts_left,
-        "deadline": _iso(state.deadline),
-        "reason": state.reason,
-        "sms": SMS_STATES[state.sms],
+    return VerificationStatus(
+        name=ORCHESTRATOR,
+        instanceId=state.instance_id,
+        runtimeStatus=runtime,
+        input=mask(state.phone_number),  # masked: the number is personal data
+        customStatus=None,
+        output=None if not state.is_final else state.status == "verified",
+        createdTime=_iso(state.created_at),
+        lastUpdatedTime=_iso(state.updated_at),
+        attempts=state.attempts,
+        attemptsLeft=state.attempts_left,
+        deadline=_iso(state.deadline),
+        reason=state.reason,
+        sms=SMS_STATES[state.sms],
         **({"terminateReason": state.detail} if state.status == "terminated" else {}),
-    }
+    )
 
 
 # ---------------------------------------------------------------- helpers
@@ -395,18 +468,22 @@ STATIC = Path(__file__).resolve().parent / "static"
 class Health(web.View):
     """``GET /healthz``: 200 while the worker runs (no key needed)."""
 
+    @openapi.operation("Liveness: 200 while the worker runs", key=False,
+                       responses={200: Liveness})
     async def get(self, request: web.Request) -> web.Response:
-        return self.json({"status": "ok"})
+        return self.json(Liveness(status="ok").dump())
 
 
 class Ready(web.View):
     """``GET /readyz``: 200 once partitions are assigned and tables recovered, else 503."""
 
+    @openapi.operation("Readiness: partitions assigned and tables recovered", key=False,
+                       responses={200: Readiness, 503: Readiness})
     async def get(self, request: web.Request) -> web.Response:
         why = not_ready()
         if why:
-            return self.json({"status": "not ready", "reason": why}, status=503)
-        return self.json({"status": "ready"})
+            return self.json(Readiness(status="not ready", reason=why).dump(), status=503)
+        return self.json(Readiness(status="ready").dump())
 
 
 def not_ready() -> str:
@@ -423,6 +500,8 @@ def not_ready() -> str:
 class Metrics(web.View):
     """``GET /metrics``: Prometheus text format (no key needed)."""
 
+    @openapi.operation("Prometheus metrics", key=False, responses={200: str},
+                       media={200: "text/plain"})
     async def get(self, request: web.Request) -> web.Response:
         body, content_type = metrics.exposition()
         return aioweb.Response(body=body, headers={"Content-Type": content_type})
@@ -432,6 +511,8 @@ class Page(web.View):
     """``GET /``: the page for a person (it asks for the API key and keeps it in the browser's
     session storage; the API calls it makes carry it)."""
 
+    @openapi.operation("The page for a person: start, enter the code, see the outcome",
+                       key=False, responses={200: str}, media={200: "text/html"})
     async def get(self, request: web.Request) -> web.Response:
         return aioweb.Response(body=(STATIC / "index.html").read_bytes(),
                                content_type="text/html", charset="utf-8",
@@ -446,6 +527,12 @@ class TwilioReceipt(web.View):
     verification at once (``sms_undeliverable``); other statuses change nothing (204).
     """
 
+    @openapi.operation(
+        "Twilio's delivery receipts (status callbacks)", key=False, body=TwilioCallback,
+        body_media="application/x-www-form-urlencoded",
+        description="Signed by Twilio in X-Twilio-Signature; the callback URL names "
+                    "instance_id and command_id. Needs SMS_BACKEND=twilio and PUBLIC_BASE_URL.",
+        responses={204: None, 400: ApiError, 403: ApiError, 404: ApiError, 413: ApiError})
     async def post(self, request: web.Request) -> web.Response:
         if settings.sms_backend != "twilio" or not settings.public_base_url:
             return self.error(404, "delivery receipts need SMS_BACKEND=twilio and "
@@ -464,13 +551,14 @@ class TwilioReceipt(web.View):
         iid, command_id = request.query.get("instance_id", ""), request.query.get("command_id")
         if not INSTANCE_ID.fullmatch(iid) or not command_id:
             return self.error(400, "the callback URL must name instance_id and command_id")
-        status, sid = params.get("MessageStatus", ""), params.get("MessageSid")
+        callback = TwilioCallback.model_validate(params)
+        status, sid = callback.MessageStatus, callback.MessageSid
         record: SmsSent | SmsFailed
         if status == "delivered":
             record = SmsSent(command_id=command_id, instance_id=iid, provider_id=sid,
                              receipt="delivered")
         elif status in ("undelivered", "failed"):
-            error = params.get("ErrorCode") or "no error code"
+            error = callback.ErrorCode or "no error code"
             record = SmsFailed(command_id=command_id, instance_id=iid, permanent=True,
                                error=f"twilio receipt: {status} (error {error})")
         else:
@@ -481,6 +569,31 @@ class TwilioReceipt(web.View):
         await sent
         metrics.sms.labels(status if status != "failed" else "undelivered").inc()
         return aioweb.Response(status=204)
+
+
+class OpenApi(web.View):
+    """``GET /openapi.json``: this API as an OpenAPI 3.1 document (no key needed)."""
+
+    @openapi.operation("This API as an OpenAPI 3.1 document", key=False,
+                       responses={200: dict[str, Any]})
+    async def get(self, request: web.Request) -> web.Response:
+        return self.json(api_document())
+
+
+def api_document() -> dict[str, Any]:
+    """The OpenAPI document of every route this worker serves."""
+    # Routes registered with route() (Faust replaces "/" in its own map once the worker
+    # starts, not in its router), then any registered with app.page elsewhere.
+    routes = {**{path: type(view) for path, view in app.web.views.items()}, **ROUTES}
+    return openapi.document(routes.items(), title="phoneverify", version=_version(),
+                            description=__doc__.split("\n\n")[0])
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("phoneverify")
+    except importlib.metadata.PackageNotFoundError:
+        return "0"
 
 
 metrics.watch_lag(lambda: app.monitor)
@@ -528,14 +641,25 @@ API = (
     (f"{WEBHOOKS}/{{instance_id}}/terminate", type("WebhookTerminate", (TerminateView,), {})),
 )
 
+#: Every route served here: path -> view (``route`` adds one).
+ROUTES: dict[str, type[web.View]] = {}
+
+
+def route(path: str, view: type[web.View]) -> None:
+    """Serve ``view`` at ``path`` (and list it in the OpenAPI document)."""
+    ROUTES[path] = view
+    app.page(path, name=view.__name__)(view)
+
+
 for path, view in (
     ("/", Page),
     ("/healthz", Health),
     ("/readyz", Ready),
     ("/metrics", Metrics),
+    ("/openapi.json", OpenApi),
     (RECEIPTS, TwilioReceipt),
     *API,
     # The same API under /api, where Azure Functions serves HTTP triggers by default.
     *((API_PREFIX + path, type(f"Api{view.__name__}", (view,), {})) for path, view in API),
 ):
-    app.page(path, name=view.__name__)(view)
+    route(path, view)
