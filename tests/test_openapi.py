@@ -56,7 +56,7 @@ def test_the_document_is_valid_openapi_31_and_lists_every_route():
         "$ref": "#/components/schemas/Started"}
     assert set(document["components"]["schemas"]["VerificationStatus"]["properties"]) >= {
         "runtimeStatus", "input", "output", "createdTime", "lastUpdatedTime"}
-    assert start["security"] == [{"apiKey": []}]
+    assert {"apiKey": []} in start["security"]
     assert paths["/healthz"]["get"]["security"] == []
 
 
@@ -85,8 +85,10 @@ CONFIG = SchemathesisConfig.from_dict({
                     "checks": {"positive_data_acceptance": {
                         "expected-statuses": [*ACCEPTED, "400"]}}}],
 })
-#: Loaded when the tests are collected (schemathesis' lazy loader fails on pytest 9).
-schema = schemathesis.openapi.from_dict(generated(), config=CONFIG)
+#: Loaded when the tests are collected (schemathesis' lazy loader fails on pytest 9). The same
+#: handlers serve the seed's paths and the /api aliases: each handler is fuzzed once.
+schema = schemathesis.openapi.from_dict(generated(), config=CONFIG).exclude(
+    path_regex="^/(api|admin|runtime)/")
 
 
 @schema.parametrize()
