@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop after this long (exit 3 if --id or --count was not satisfied)")
     watch.add_argument("--count", type=int, metavar="N", help="stop after N outcomes")
     watch.add_argument("--from-beginning", action="store_true",
-                       help="also print the outcomes published before (from the start of the "
-                            "topic)")
+                       help="also print the outcomes published before (those still on the "
+                            "topic), oldest first, then the new ones as they come")
 
     schema = sub.add_parser(
         "schema", help="print the API documents: openapi (HTTP, JSON) or asyncapi (topics, YAML)",

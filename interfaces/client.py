@@ -461,6 +461,9 @@ class OutcomeStream:
         self._consumer: AIOKafkaConsumer | None = None
         self._pending: list[Outcome] = []
         self._closed = False
+        #: With ``from_beginning``: where each partition ended when the stream opened; what
+        #: was there is read whole and handed out in time order, not partition by partition.
+        self._backlog: dict[TopicPartition, int] = {}
 
     async def __aenter__(self) -> OutcomeStream:
         await self.open()
@@ -487,6 +490,7 @@ class OutcomeStream:
         consumer.assign(tps)
         if self.from_beginning:
             await consumer.seek_to_beginning(*tps)
+            self._backlog = await consumer.end_offsets(tps)
         else:
             await consumer.seek_to_end(*tps)
         for tp in tps:  # resolve the positions now, not at the first fetch
@@ -504,12 +508,25 @@ class OutcomeStream:
         while not self._pending:
             if self._closed:
                 raise StopAsyncIteration
-            batch = await self._consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                for record in records:
-                    if (key is None or record.key == key) and (o := _parsed(Outcome, record)):
-                        self._pending.append(o)
+            records = []
+            while True:  # the backlog whole (once), else one fetch
+                batch = await self._consumer.getmany(timeout_ms=500)
+                records += [record for part in batch.values() for record in part]
+                if not await self._in_backlog():
+                    break
+            found = [o for record in records
+                     if (key is None or record.key == key) and (o := _parsed(Outcome, record))]
+            # In time order across partitions (each partition is in order already).
+            self._pending += sorted(found, key=lambda outcome: outcome.completed_at)
         return self._pending.pop(0)
+
+    async def _in_backlog(self) -> bool:
+        """Whether records that were there when the stream opened are still to be read."""
+        assert self._consumer is not None
+        for tp, end in list(self._backlog.items()):
+            if await self._consumer.position(tp) >= end:
+                del self._backlog[tp]
+        return bool(self._backlog) and not self._closed
 
     async def aclose(self) -> None:
         self._closed = True

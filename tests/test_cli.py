@@ -212,6 +212,26 @@ async def test_watch_follows_outcomes_as_they_come(shared, background):
     assert result.code == 3 and "no outcome for cli-never within 0.5s" in result.err
 
 
+async def test_watch_from_the_beginning_prints_in_time_order(shared):
+    from phoneverify.topics import partition_for
+
+    # Concluded one after the other on partitions 3, 2, 1, 0: partition order is not time order.
+    ids = []
+    for partition in (3, 2, 1, 0):
+        ids.append(next(iid for n in range(1000) if partition_for(
+            (iid := f"cli-order-{partition}-{n}").encode(), 4) == partition))
+    for iid in ids:
+        assert (await run(shared.env(), "start", PHONE, "--id", iid)).code == 0
+    for iid in ids:
+        assert (await run(shared.env(), "terminate", iid)).code == 0
+    result = await run(shared.env(), "watch", "--from-beginning", "--json", "--timeout", "3")
+    assert result.code == 0, result
+    outcomes = [json.loads(line) for line in result.out.splitlines()]
+    times = [o["completed_at"] for o in outcomes]
+    assert times == sorted(times)
+    assert [o["instance_id"] for o in outcomes if o["instance_id"] in ids] == ids
+
+
 @pytest.mark.parametrize(("args", "extra", "code", "words"), [
     (("start", "call me maybe"), {}, 2, "phone_number: not a phone number"),
     (("start", PHONE, "--id", "bad id"), {}, 2, "instance id 'bad id' is not valid"),
