@@ -611,16 +611,22 @@ async def json_errors(request: aioweb.Request, handler: Any) -> aioweb.StreamRes
     except aioweb.HTTPException as error:
         if error.status < 400:
             raise
+        allowed = [m for m in error.headers.get("Allow", "").split(",") if m and m != "HEAD"]
         words = {404: f"no such route: {request.path} (see the README for the API's routes)",
                  405: f"{request.method} is not served at {request.path}; allowed: "
-                      f"{error.headers.get('Allow', '')}"}
+                      f"{', '.join(allowed)}"}
         headers = {k: v for k, v in error.headers.items() if k in ("Allow", "Retry-After")}
         return aioweb.json_response({"error": words.get(error.status, error.reason)},
-                                    status=error.status, headers=headers)
+                                    status=error.status, headers=headers, dumps=_compact)
     except Exception:
         log.exception("HTTP API: %s %s failed", request.method, request.path)
         return aioweb.json_response({"error": "internal error (it is in the worker's log)"},
-                                    status=500)
+                                    status=500, dumps=_compact)
+
+
+def _compact(value: Any) -> str:
+    """JSON as the views write it (no spaces)."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 app.web.web_app.middlewares.append(json_errors)
