@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test test-long lint bench chaos clean
+.PHONY: setup run test test-long lint bench chaos docs clean
 .DEFAULT_GOAL := help
 
 help:
@@ -13,6 +13,7 @@ help:
 	@echo "make lint   - ruff"
 	@echo "make bench  - the benchmark (prints figures; BENCH_ARGS=... for options)"
 	@echo "make chaos  - the fault suite (prints a table)"
+	@echo "make docs   - regenerate docs/asyncapi.yaml from the models (a test fails when stale)"
 	@echo "make clean  - delete .local/ (broker data, logs, jars, worker keys)"
 
 $(BIN)/.installed: pyproject.toml
@@ -44,6 +45,9 @@ bench: setup
 # Starts its own brokers (ports 59092-59102 by default, ARGS=--port to move them) in /tmp.
 chaos: setup
 	$(BIN)/python bench/chaos.py $(ARGS)
+
+docs: $(BIN)/.installed
+	$(BIN)/phoneverify schema asyncapi --output docs/asyncapi.yaml
 
 clean:
 	rm -rf .local
