@@ -55,6 +55,11 @@ def produce(producer, topic: str, value: dict[str, str]) -> None:
 
 async def test_confluent_kafka_with_its_default_partitioner_loses_nothing(
         deployment: Deployment, start_worker) -> None:
+    # The codes of half the verifications go out only once a worker has stopped and another
+    # has started: on a loaded machine (the whole suite) that took longer than the default
+    # 90 s window, and they expired (an outcome, not a loss, but the test failed). This test
+    # is about partitioning, not about time: the window outlasts it.
+    deployment.settings["VERIFICATION_TIMEOUT_SECONDS"] = "3600"
     start_worker("a")
     b = start_worker("b")
     producer = confluent_kafka.Producer({"bootstrap.servers": deployment.bootstrap})
@@ -88,8 +93,9 @@ async def test_confluent_kafka_with_its_default_partitioner_loses_nothing(
             "verification.outcome", lambda r: len({o["instance_id"] for o in r}) == N,
             timeout=90)
         first = {o["instance_id"]: o for o in outcomes}
-        assert {first[i]["status"] for i in ids[:-5]} == {"verified"}
-        assert {first[i]["status"] for i in ids[-5:]} == {"terminated"}
+        ends = {i: (first[i]["status"], first[i]["reason"]) for i in ids}
+        assert {ends[i] for i in ids[:-5]} == {("verified", "code_matched")}, ends
+        assert {ends[i] for i in ids[-5:]} == {("terminated", "terminated")}, ends
         moved = await client.read_all("verification.rerouted")
         assert len(moved) >= misrouted // 2
     split = {key: parts for key, parts in (await changelog_partitions(deployment)).items()
