@@ -12,13 +12,15 @@ import threading
 
 import faust
 
-from phoneverify.ops import faust_fixes
+from phoneverify.ops import faust_fixes, recovery
+from phoneverify.ops.broker.local import worker_client_id
 from phoneverify.ops.logs import json_logging, text_logging
 from phoneverify.settings import Settings
 from phoneverify.topics import Names
 
 faust_fixes.apply()
 settings = Settings()
+recovery.apply(settings.data_dir)
 names = Names(settings.topic_prefix)
 
 
@@ -28,6 +30,15 @@ def _broker_url(bootstrap: str) -> str:
 
 app = faust.App(
     settings.app_id,
+    # Faust reads no setting from the environment: every one it uses is given here. The
+    # environment holds ours, and some share Faust's names with another meaning: with
+    # PROCESSING_GUARANTEE=exactly_once (our rule 23) Faust would turn on its own
+    # exactly-once mode, and WEB_HOST (our bind address) would replace the advertised host.
+    env={},
+    processing_guarantee="at_least_once",  # Faust's own exactly-once mode stays off
+    # ops/recovery.py checks each store against the changelog instead (and sets aside, where
+    # Faust's check would stop the worker).
+    recovery_consistency_check=False,
     broker=_broker_url(settings.kafka_bootstrap_servers),
     # Tables live in RocksDB (one database per partition, in DATA_DIR) with their changelogs
     # in Kafka: a restarted worker replays only the changelog's tail. See agents/tables.py
@@ -39,7 +50,9 @@ app = faust.App(
     topic_replication_factor=settings.replication_factor or 1,  # set by ensure_topics
     topic_allow_declare=True,
     producer_acks=-1,
-    datadir=str(settings.data_dir / "faust"),
+    # Per process: `make run` tells its own worker from the others that use its broker.
+    broker_client_id=worker_client_id(os.getpid()),
+    datadir=str(settings.data_dir / recovery.STORE_DIR),
     # A dead worker's partitions move to the others after this long without heartbeats.
     broker_session_timeout=15.0,
     broker_heartbeat_interval=3.0,

@@ -49,6 +49,7 @@ def run_worker(argv: list[str] | None = None) -> None:
         quiet_bad_requests,
         quiet_harmless_startup_errors,
     )
+    from phoneverify.ops.recovery import STORE_DIR, check_cluster, cluster_id
     from phoneverify.settings import Settings
     from phoneverify.topics import KeyMismatch, check_code_key, ensure_topics
 
@@ -68,13 +69,16 @@ def run_worker(argv: list[str] | None = None) -> None:
                   settings.web_port, settings.web_host)
         raise SystemExit(2)
     stop_on_hangup()
-    (settings.data_dir / "faust").mkdir(parents=True, exist_ok=True)
     try:
         created, replicas = asyncio.run(ensure_topics(settings))
         if created:
             say("created topics (%d replica%s each): %s", replicas, "s" if replicas > 1 else "",
                 ", ".join(created))
         os.environ["REPLICATION_FACTOR"] = str(replicas)  # for Faust's own topics
+        # A store built from another Kafka cluster is set aside before Faust opens it.
+        check_cluster(settings.data_dir,
+                      asyncio.run(cluster_id(settings.kafka_bootstrap_servers)))
+        (settings.data_dir / STORE_DIR).mkdir(parents=True, exist_ok=True)
         asyncio.run(check_code_key(settings))
     except KeyMismatch as error:
         log.error("%s", error)

@@ -28,6 +28,7 @@ from phoneverify.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CODE_KEY = "test-code-hash-key-not-secret"
+READY = "Worker]: Ready"  # the line Faust logs when a worker has recovered and runs
 
 
 def free_port() -> int:
@@ -103,16 +104,19 @@ class Worker:
         return self
 
     def start(self, timeout: float = 90.0) -> Worker:
+        """Launch, and wait until this run is ready (a restart appends to the same log)."""
+        before = self.log().count(READY)
         self.launch()
-        wait_until(lambda: self._alive_and("Worker]: Ready"), timeout, f"worker {self.name} ready")
+        wait_until(lambda: self._alive_and(READY, before), timeout, f"worker {self.name} ready")
         return self
 
-    def _alive_and(self, text: str) -> bool:
+    def _alive_and(self, text: str, seen: int = 0) -> bool:
+        """True once ``text`` is in the log more than ``seen`` times; raises if it exited."""
         assert self.process is not None
         if self.process.poll() is not None:
             raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n"
                                + self.log()[-4000:])
-        return text in self.log()
+        return self.log().count(text) > seen
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -281,6 +281,58 @@ def test_run_stops_its_broker_on_a_signal(place: Place, sig: int, to_group: bool
     assert not place.pid_file.exists()
 
 
+#: Another worker on the same broker, as a consumer group member (it prints once it is one).
+OTHER_WORKER = """
+import asyncio, sys
+from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+async def main():
+    admin = AIOKafkaAdminClient(bootstrap_servers=sys.argv[1])
+    await admin.start()
+    await admin.create_topics([NewTopic("other-worker-input", 1, 1)])
+    await admin.close()
+    consumer = AIOKafkaConsumer("other-worker-input", bootstrap_servers=sys.argv[1],
+                                group_id="other-workers", client_id="other-worker")
+    await consumer.start()
+    while not consumer.assignment():
+        await consumer.getmany(timeout_ms=200)
+    print("member", flush=True)
+    await asyncio.sleep(600)
+asyncio.run(main())
+"""
+
+
+def test_run_leaves_its_broker_running_while_other_workers_use_it(place: Place) -> None:
+    """A second ``make run`` (or any worker) uses the broker the first one started: the first
+    one's exit must not take it away from them."""
+    run = _run_sleep(place)
+    other: subprocess.Popen[str] | None = None
+    try:
+        assert run.stdout is not None
+        assert run.stdout.readline().startswith(f"broker: ready at {place.bootstrap}")
+        pid = place.recorded_pid()
+        other = subprocess.Popen([sys.executable, "-c", OTHER_WORKER, place.bootstrap],
+                                 stdout=subprocess.PIPE, text=True)
+        assert other.stdout is not None and other.stdout.readline() == "member\n"
+
+        run.send_signal(signal.SIGTERM)  # the first worker stops
+        rest, _ = run.communicate(timeout=60)
+
+        assert run.returncode == 128 + signal.SIGTERM, rest
+        assert (f"broker: left running at {place.bootstrap}: 1 other Kafka client in a "
+                "consumer group use it") in rest
+        assert runs_broker(pid, place.properties) and port_open(place.port)
+        assert metadata_brokers(place.bootstrap) == 1  # it still serves the other one
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
+        _kill_group(run)
+    stopped = place.cli("stop")  # as the message says
+    assert stopped.returncode == 0, stopped.stderr
+    assert not runs_broker(pid, place.properties)
+
+
 def test_a_signal_while_the_broker_starts_leaves_no_broker(place: Place) -> None:
     run = _run_sleep(place)
     try:

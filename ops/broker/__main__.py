@@ -2,7 +2,8 @@
 
 ``run -- CMD...`` starts the broker unless one answers, runs CMD in the foreground with
 KAFKA_BOOTSTRAP_SERVERS set to the broker's address, forwards Ctrl-C, SIGTERM and SIGHUP
-(closing the terminal) to it as SIGTERM, and stops the broker afterwards if it started it.
+(closing the terminal) to it as SIGTERM, and stops the broker afterwards if it started it,
+unless other workers (members of a consumer group) still use it: then it is left running.
 ``start`` starts it in the background and returns; ``stop`` stops a broker this project
 started at that address (by its recorded pid, checked to still be that broker).
 
@@ -20,7 +21,13 @@ import subprocess
 import sys
 import time
 
-from phoneverify.ops.broker.local import BrokerError, from_env, metadata_brokers
+from phoneverify.ops.broker.local import (
+    BrokerError,
+    from_env,
+    group_clients,
+    metadata_brokers,
+    worker_client_id,
+)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -42,6 +49,12 @@ def _say(text: str, err: bool = False) -> None:
     """Print, but never fail: after SIGHUP the terminal may be gone (EIO) or the pipe closed."""
     with contextlib.suppress(OSError):
         print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def _others(bootstrap: str, child: subprocess.Popen[bytes] | None) -> list[str]:
+    """The members of consumer groups at ``bootstrap`` other than the command's worker."""
+    ours = worker_client_id(child.pid) if child is not None else None
+    return [client for client in group_clients(bootstrap) if client != ours]
 
 
 def _run(cmd: list[str]) -> int:
@@ -77,9 +90,15 @@ def _run(cmd: list[str]) -> int:
         if child is not None and child.poll() is None:
             child.kill()
             child.wait()
-        broker.stop()
-        if started:
-            _say("broker: stopped")
+        others = _others(broker.bootstrap, child) if started else []
+        if others:  # workers started elsewhere (another make run, say) rely on it
+            _say(f"broker: left running at {broker.bootstrap}: {len(others)} other Kafka "
+                 f"client{'s' * (len(others) != 1)} in a consumer group use it; stop it with "
+                 "python -m phoneverify.ops.broker stop")
+        else:
+            broker.stop()
+            if started:
+                _say("broker: stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

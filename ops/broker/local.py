@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from aiokafka import AIOKafkaClient
+from aiokafka.admin import AIOKafkaAdminClient
 
 HERE = Path(__file__).resolve().parent
 POM = HERE / "pom.xml"
@@ -91,6 +92,34 @@ def metadata_brokers(bootstrap: str, timeout: float = 2.0) -> int:
             return 0
         finally:
             await client.close()
+
+    with _quiet_aiokafka():
+        return asyncio.run(probe())
+
+
+def worker_client_id(pid: int) -> str:
+    """The Kafka client id of the worker process ``pid`` on this host (see agents/app.py)."""
+    return f"phoneverify-{socket.gethostname()}-{pid}"
+
+
+def group_clients(bootstrap: str, timeout: float = 5.0) -> list[str]:
+    """The client id of every member of every consumer group at ``bootstrap``: the workers
+    (and other consumers in a group) using it now; [] when it does not answer."""
+
+    async def probe() -> list[str]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                    request_timeout_ms=int(timeout * 1000))
+        try:
+            await asyncio.wait_for(admin.start(), timeout)
+            groups = [group[0] for group in await admin.list_consumer_groups()]
+            described = await admin.describe_consumer_groups(groups) if groups else []
+            return [member["client_id"] for response in described
+                    for group in response.to_object()["groups"] for member in group["members"]]
+        except Exception:
+            return []
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
 
     with _quiet_aiokafka():
         return asyncio.run(probe())
