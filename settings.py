@@ -14,7 +14,10 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from phoneverify.models.admission import Limits
+from phoneverify.models.locale import match
 from phoneverify.models.phone import NumberPolicy
+from phoneverify.models.templates.catalog import Budget, Catalog, TemplateError, load
+from phoneverify.models.templates.render import minutes_of
 
 
 def _items(csv: str) -> frozenset[str]:
@@ -80,7 +83,40 @@ class Settings(BaseSettings):
     #: Where the Twilio client sends requests; only tests point it at a local fake.
     twilio_base_url: str | None = None
 
+    # ------------------------------------------------------------ language (rules 18, 19)
+    app_name: str = Field("", max_length=64, description="the app's name in messages ({app}); "
+                          "empty: none")
+    default_locale: str = Field("en", description="the locale when nothing else decides")
+    templates_dir: Path | None = Field(
+        None, description="a folder of <locale>.toml templates that override or add locales")
+    web_otp_domain: str = Field(
+        "", max_length=253, pattern=r"^([A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?\.)*"
+        r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$|^$",
+        description="with it, SMS and WhatsApp bodies end with '@<domain> #<code>' (WebOTP)")
+
     # ------------------------------------------------------------ derived
+
+    @cached_property
+    def templates(self) -> Catalog:
+        """Every locale's template, checked (TemplateError names a bad file and why)."""
+        app = self.app_name if len(self.app_name) > 30 else "A" * 30
+        budget = Budget(code_length=self.verification_code_length, app=app,
+                        domain=self.web_otp_domain, minutes=self.minutes)
+        return load(budget, self.templates_dir)
+
+    @cached_property
+    def locale(self) -> str:
+        """DEFAULT_LOCALE as one of the templates' locales (``en-GB`` -> ``en``)."""
+        found = match(self.default_locale, self.templates.locales)
+        if found is None:
+            raise TemplateError(f"DEFAULT_LOCALE {self.default_locale!r}: no template is close "
+                                f"to it (there are {', '.join(self.templates.locales)})")
+        return found
+
+    @property
+    def minutes(self) -> int:
+        """The answer window in whole minutes, as messages say it."""
+        return minutes_of(self.verification_timeout_seconds)
 
     @cached_property
     def number_policy(self) -> NumberPolicy:

@@ -53,7 +53,7 @@ from phoneverify.agents.records import (
     tick_time,
 )
 from phoneverify.agents.sender import sent
-from phoneverify.models.codes import draw_code, hash_code, sms_body
+from phoneverify.models.codes import draw_code, hash_code
 from phoneverify.models.messages import (
     Admission,
     DeadLetter,
@@ -65,6 +65,7 @@ from phoneverify.models.messages import (
     SubmitCode,
     Terminate,
 )
+from phoneverify.models.templates.render import body
 from phoneverify.models.verification import (
     MAX_HELD,
     TERMINAL,
@@ -495,7 +496,8 @@ def start_command(verdict: Admission) -> Start | Reject:
     return Start(instance_id=iid, phone_number=verdict.phone_number or "",
                  code_hash=hash_code(settings.code_key, iid, code), command_id=f"{iid}/sms/1",
                  at=verdict.requested_at, timeout_seconds=settings.verification_timeout_seconds,
-                 max_attempts=verdict.attempts, request_id=verdict.request_id)
+                 max_attempts=verdict.attempts, request_id=verdict.request_id,
+                 locale=verdict.locale)
 
 
 def hold_command(topic: str, value: bytes | None, at: datetime, origin: str,
@@ -528,11 +530,15 @@ def _sms_status(raw: bytes | None) -> SmsSent | SmsFailed:
         return SmsFailed.from_bytes(raw)
 
 
-def sms_command(state: Verification) -> SendSms:
-    """The SMS command, with the plain code (drawn again: it is stable per instance)."""
+def sms_command(state: Verification, channel: str = "sms") -> SendSms:
+    """The delivery command, with the plain code (drawn again: it is stable per instance),
+    in the verification's locale (rule 18; WebOTP line, rule 19)."""
     code = draw_code(settings.code_key, state.instance_id, settings.verification_code_length)
+    template = settings.templates.get(state.locale, settings.locale)
+    text = body(template, channel, code, settings.app_name, settings.minutes,
+                settings.web_otp_domain)
     return SendSms(command_id=state.command_id or "", instance_id=state.instance_id,
-                   to=state.phone_number or "", body=sms_body(code))
+                   to=state.phone_number or "", body=text, locale=template.locale)
 
 
 def due_at(state: Verification) -> float | None:

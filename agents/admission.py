@@ -102,7 +102,7 @@ async def take(outbox: Outbox, touched: Numbers, event: EventT) -> None:
                        phone_number=start.phone_number if verdict.verdict == "admitted" else None,
                        requested_at=start.requested_at, origin=start.origin,
                        request_id=start.request_id, attempts=verdict.attempts,
-                       retry_after=verdict.retry_after)
+                       retry_after=verdict.retry_after, locale=start.locale)
     iid = start.instance_id.encode()
     await outbox.send(names.admitted, iid, answer.to_bytes(),
                       partition=partition_for(iid, settings.partitions))

@@ -1,4 +1,5 @@
-"""Intake: parse starts, apply the number policy, re-key admissible ones by number.
+"""Intake: parse starts, apply the number policy, choose the locale, re-key admissible ones
+by number.
 
 Stateless, so it does not care which partition a start was written to. An invalid or blocked
 number is refused here: the verdict goes straight to the actor (which answers and publishes
@@ -16,8 +17,9 @@ from pydantic import ValidationError
 from phoneverify.agents.app import app, names, settings, start_topic
 from phoneverify.agents.batch import Outbox, batches, guarded
 from phoneverify.agents.records import dead_letter, describe, origin_of, record_time
+from phoneverify.models.locale import choose
 from phoneverify.models.messages import Admission, PhoneStart, StartVerification
-from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, admissible
+from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, admissible, region_of
 from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify")
@@ -60,6 +62,9 @@ async def take(outbox: Outbox, event: EventT) -> None:
         await outbox.send(names.admitted, key, verdict.to_bytes(),
                           partition=partition_for(key, settings.partitions))
         return
+    # Rule 18: its locale, decided once, here; kept with the verification from now on.
+    locale = choose(settings.templates.locales, settings.locale, start.locale,
+                    start.accept_language, region_of(phone))
     forward = PhoneStart(instance_id=start.instance_id, phone_number=phone, requested_at=at,
-                         origin=origin, request_id=start.request_id)
+                         origin=origin, request_id=start.request_id, locale=locale)
     await outbox.send(names.admission, phone.encode(), forward.to_bytes())

@@ -44,6 +44,7 @@ def stop_on_hangup() -> None:
 
 
 def run_worker(argv: list[str] | None = None) -> None:
+    from phoneverify.models.templates.catalog import TemplateError
     from phoneverify.ops.logs import (
         json_logging,
         quiet_bad_requests,
@@ -69,6 +70,13 @@ def run_worker(argv: list[str] | None = None) -> None:
                   settings.web_port, settings.web_host)
         raise SystemExit(2)
     stop_on_hangup()
+    try:  # rule 18: every template is checked before anything starts
+        catalog, default = settings.templates, settings.locale
+    except TemplateError as error:
+        log.error("bad template: %s", error)
+        raise SystemExit(2) from None
+    say("templates: %s (default %s)%s", " ".join(catalog.locales), default,
+        f"; app name {settings.app_name!r}" if settings.app_name else "")
     try:
         created, replicas = asyncio.run(ensure_topics(settings))
         if created:

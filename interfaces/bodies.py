@@ -12,7 +12,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
-from phoneverify.models.messages import Digits, InstanceId, OutcomeReason, ReplyResult
+from phoneverify.models.messages import (
+    Digits,
+    InstanceId,
+    LocaleTag,
+    OutcomeReason,
+    ReplyResult,
+)
 
 RuntimeStatus = Literal["Pending", "Running", "Completed", "Terminated"]
 
@@ -57,6 +63,10 @@ class StartRequest(Body):
     phone_number: PhoneNumber
     instance_id: InstanceId | None = Field(
         None, description="chosen by the client; a UUID4 hex when absent")
+    locale: LocaleTag = Field(
+        None, description="the language of the message, BCP 47 (fr, pt-BR); absent or "
+                          "unknown: Accept-Language, else the number's country, else "
+                          "DEFAULT_LOCALE", examples=["fr"])
 
 
 #: ``POST /verifications``: the number as a JSON string (the seed's body), or an object.
@@ -72,6 +82,7 @@ class Started(Body):
     sendEventPostUri: str = Field(description="POST the code here (the seed's URI keeps its "
                                               "{eventName} placeholder)")
     terminatePostUri: str = Field(description="POST here to end it ({text}: the reason)")
+    locale: str | None = Field(None, description="the locale its messages use (rule 18)")
 
 
 # ---------------------------------------------------------------- one verification

@@ -26,6 +26,7 @@ EPILOG = """\
 examples (a worker running: `make run`, or `phoneverify worker` with Kafka up):
   phoneverify start "+1 425-555-0142"          start; prints the new verification's id
   phoneverify start 4255550143 --id order-17   choose the id (1-64 of A-Z a-z 0-9 . _ -)
+  phoneverify start "+33 6 12 34 56 78" --locale de  the SMS in German (else French)
   phoneverify respond order-17 0042            send back the code from the SMS (0042 != 42)
   phoneverify watch --id order-17              wait for its outcome; exit 0 if verified
   phoneverify status order-17 --json           ask a worker's HTTP API (needs API_KEY)
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "read in $PHONE_DEFAULT_REGION (default US)")
     start.add_argument("--id", dest="instance_id", metavar="ID",
                        help="the verification's id (default: a new UUID4 hex)")
+    start.add_argument("--locale", metavar="TAG",
+                       help="the SMS's language, BCP 47 (fr, pt-BR; default: the number's "
+                            "country's, else $DEFAULT_LOCALE)")
 
     respond = command("respond", "send back the code the SMS carried", [commands],
                       "phoneverify respond signup-42 0042")
@@ -246,9 +250,10 @@ async def cmd_start(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with _client(args) as client:
             if args.no_wait:
-                iid = await client.send_start(args.phone, args.instance_id)
+                iid = await client.send_start(args.phone, args.instance_id, locale=args.locale)
                 return _sent(args, iid, f"Start of {iid} sent (not waiting for the answer).")
-            reply = await client.start(args.phone, args.instance_id, timeout=args.timeout)
+            reply = await client.start(args.phone, args.instance_id, locale=args.locale,
+                                       timeout=args.timeout)
         iid = reply.instance_id
         if args.json:
             print(reply.model_dump_json(), flush=True)

@@ -199,17 +199,22 @@ class VerificationClient:
     # ------------------------------------------------------------ commands, answered
 
     async def start(self, phone_number: str, instance_id: str | None = None, *,
+                    locale: str | None = None, accept_language: str | None = None,
                     timeout: float | None = None) -> Reply:
         """Start a verification of ``phone_number``; returns once it is started.
 
         The reply has the ``instance_id`` (a new UUID4 hex if none is given), the
-        ``deadline`` and ``attempts_left``. The number may be in any form a person types
-        (without a country code it is read in ``PHONE_DEFAULT_REGION``). Raises
+        ``deadline``, ``attempts_left`` and the ``locale`` of its messages. The number may be
+        in any form a person types (without a country code it is read in
+        ``PHONE_DEFAULT_REGION``). ``locale`` (BCP 47: ``fr``, ``pt-BR``) chooses the
+        language, else ``accept_language`` (an ``Accept-Language`` header), else the number's
+        country, else ``DEFAULT_LOCALE``; an unknown one falls back, it is no error. Raises
         :class:`InstanceIdInUse`, :class:`RateLimited`, :class:`InvalidPhoneNumber` or
         :class:`BlockedNumber` when it is refused: then no SMS was sent.
         """
-        return await self._ask(self.names.start, self._start_message(phone_number, instance_id),
-                               timeout)
+        message = self._start_message(phone_number, instance_id, locale=locale,
+                                      accept_language=accept_language)
+        return await self._ask(self.names.start, message, timeout)
 
     async def submit_code(self, instance_id: str, code: str, *,
                           timeout: float | None = None) -> Reply:
@@ -231,9 +236,10 @@ class VerificationClient:
 
     # ------------------------------------------------------------ commands, not answered
 
-    async def send_start(self, phone_number: str, instance_id: str | None = None) -> str:
+    async def send_start(self, phone_number: str, instance_id: str | None = None, *,
+                         locale: str | None = None) -> str:
         """Send a start without waiting for its answer; returns the instance id."""
-        message = self._start_message(phone_number, instance_id)
+        message = self._start_message(phone_number, instance_id, locale=locale)
         await self._send(self.names.start, message)
         return message.instance_id
 
@@ -248,7 +254,8 @@ class VerificationClient:
     # ------------------------------------------------------------ messages
 
     def _start_message(self, phone_number: str, instance_id: str | None,
-                       request_id: str | None = None) -> StartVerification:
+                       request_id: str | None = None, *, locale: str | None = None,
+                       accept_language: str | None = None) -> StartVerification:
         iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
         if not isinstance(phone_number, str):
             raise InvalidInput("phone_number must be a string")
@@ -256,7 +263,8 @@ class VerificationClient:
             e164 = phone.normalise(phone_number, self.settings.phone_default_region)
         except phone.InvalidPhoneNumber as error:
             raise InvalidInput(f"phone_number: {error}") from None
-        return _validated(StartVerification, instance_id=iid, phone_number=e164)
+        return _validated(StartVerification, instance_id=iid, phone_number=e164, locale=locale,
+                          accept_language=accept_language)
 
     def _code_message(self, instance_id: str, code: str) -> SubmitCode:
         check_instance_id(instance_id)

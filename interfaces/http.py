@@ -148,7 +148,8 @@ OWNED_ERRORS = {400: ApiError, 503: ApiError}
 
 class Start(ApiView):
     """``POST`` a phone number (a JSON string, as in the seed, or ``{"phone_number",
-    "instance_id"}``): ``202`` once the verification is started."""
+    "instance_id"?, "locale"?}``): ``202`` once the verification is started, with the
+    ``locale`` chosen (the body's, else ``Accept-Language``, else the number's country)."""
 
     seed = False
 
@@ -160,10 +161,12 @@ class Start(ApiView):
                  429: {"Retry-After": "seconds until a start may be admitted"}})
     async def post(self, request: web.Request) -> web.Response:
         start = _start_request(await _json_body(request))
-        reply = await _ask(lambda c: c.start(start.phone_number,
-                                             start.instance_id or uuid.uuid4().hex))
+        reply = await _ask(lambda c: c.start(
+            start.phone_number, start.instance_id or uuid.uuid4().hex, locale=start.locale,
+            accept_language=request.headers.get("Accept-Language")))
         uris = _uris(request, reply.instance_id, seed=self.seed)
-        return self.json(uris.dump(), status=202, headers={"Location": uris.statusQueryGetUri})
+        answer = Started(**uris.dump(), locale=reply.locale)  # rule 18: the locale used
+        return self.json(answer.dump(), status=202, headers={"Location": uris.statusQueryGetUri})
 
 
 class SeedStart(Start):

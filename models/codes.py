@@ -34,6 +34,3 @@ def fingerprint(key: bytes) -> str:
     """Names the key without revealing it, so workers can check they share one."""
     return _subkey(key, b"fingerprint").hex()[:16]
 
-
-def sms_body(code: str) -> str:
-    return f"Your verification code is {code}"

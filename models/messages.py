@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -49,6 +50,16 @@ def explain(error: ValidationError) -> str:
 
 
 UtcTime = Annotated[datetime, AfterValidator(_utc), PlainSerializer(iso, return_type=str)]
+
+
+def _text_or_none(value: object) -> str | None:
+    """A locale or header that cannot be one (not text, too long) counts as absent: the start
+    falls back to the next source of its locale rather than fail (rule 18)."""
+    return value if isinstance(value, str) and len(value) <= 512 else None
+
+
+#: A BCP 47 tag as given (``fr``, ``pt-BR``); matched to a template, or unknown, at the start.
+LocaleTag = Annotated[str | None, BeforeValidator(_text_or_none)]
 
 OutcomeStatus = Literal["verified", "failed", "terminated"]
 OutcomeReason = Literal[
@@ -90,6 +101,11 @@ class StartVerification(Message):
     instance_id: InstanceId
     phone_number: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     request_id: RequestId | None = None
+    #: Rule 18: the language of the message (BCP 47); unknown or absent: it falls back.
+    locale: LocaleTag = None
+    #: The HTTP start's ``Accept-Language`` header (an addition: the next choice after
+    #: ``locale``).
+    accept_language: LocaleTag = None
 
 
 class SubmitCode(Message):
@@ -121,6 +137,8 @@ class Reply(Message):
     retry_after: float | None = None
     #: For a refused start: why, in words a person understands (additions to the contract).
     detail: str | None = None
+    #: Starts: the locale of its messages (rule 18).
+    locale: str | None = None
 
 
 class Tick(Message):
@@ -133,6 +151,8 @@ class SendSms(Message):
     instance_id: InstanceId
     to: str
     body: str
+    #: The locale the body is written in (rule 16, 18).
+    locale: str | None = None
 
     def __repr__(self) -> str:  # never show the code in a log line or traceback
         return f"SendSms(command_id={self.command_id!r}, instance_id={self.instance_id!r})"
@@ -208,6 +228,8 @@ class PhoneStart(Message):
     requested_at: UtcTime
     origin: str
     request_id: RequestId | None = None
+    #: The locale chosen for it at intake (rule 18).
+    locale: str | None = None
 
 
 class Settle(Message):
@@ -244,3 +266,5 @@ class Admission(Message):
     retry_after: float | None = None
     #: Why a start was refused, in words (number policy).
     detail: str = ""
+    #: The locale chosen for it at intake (rule 18).
+    locale: str | None = None

@@ -88,6 +88,15 @@ def admissible(raw: str, default_region: str, policy: NumberPolicy) -> str:
     return _e164(number)
 
 
+def region_of(e164: str) -> str | None:
+    """The ISO 3166 region of an E.164 number (``+33...`` -> ``FR``), if libphonenumber
+    knows it."""
+    try:
+        return phonenumbers.region_code_for_number(phonenumbers.parse(e164, None)) or None
+    except phonenumbers.NumberParseException:
+        return None
+
+
 def mask(e164: str | None) -> str | None:
     """Keep the first digits and the last two: ``+14255550100`` -> ``+142******00``."""
     if not e164:

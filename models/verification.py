@@ -63,6 +63,8 @@ class Start(_Frozen):
     timeout_seconds: float
     max_attempts: int
     request_id: RequestId | None = None
+    #: The locale of its messages, chosen at intake (rule 18).
+    locale: str | None = None
 
 
 class Reject(_Frozen):
@@ -147,6 +149,7 @@ class Started(_Frozen):
     deadline: UtcTime
     max_attempts: int
     at: UtcTime
+    locale: str | None = None
 
 
 class SmsRequested(_Frozen):
@@ -265,6 +268,8 @@ class Verification(_Frozen):
     wrong_at: tuple[UtcTime, ...] = ()
     reason: OutcomeReason | None = None
     detail: str = ""
+    #: The locale of every message it sends (rule 18; ``None``: DEFAULT_LOCALE).
+    locale: str | None = None
     updated_at: UtcTime | None = None
     #: Commands that arrived before the start, in arrival order.
     held: tuple[Holdable, ...] = ()
@@ -366,7 +371,7 @@ def _start(command: Start, state: Verification) -> list[Event]:
     started = Started(instance_id=iid, phone_number=command.phone_number,
                       code_hash=command.code_hash, created_at=at,
                       deadline=at + timedelta(seconds=command.timeout_seconds),
-                      max_attempts=command.max_attempts, at=at)
+                      max_attempts=command.max_attempts, at=at, locale=command.locale)
     after = evolve(state, started)
     released = _release_held(state, after)
     sms = [] if fold(after, released).is_final else [
@@ -419,6 +424,7 @@ def evolve(state: Verification, event: Event) -> Verification:
             changes |= {"status": "pending", "phone_number": event.phone_number,
                         "code_hash": event.code_hash, "created_at": event.created_at,
                         "deadline": event.deadline, "max_attempts": event.max_attempts,
+                        "locale": event.locale,
                         "held": ()}  # the held commands are decided with the start
         case SmsRequested():
             changes |= {"sms": "requested", "command_id": event.command_id}
@@ -476,7 +482,8 @@ def reply_of(answered: Answered, state: Verification) -> Reply:
                  status=public_status(state), attempts_left=attempts_left,
                  deadline=state.deadline if state.status == "pending" else None,
                  retry_after=answered.retry_after,
-                 detail=state.detail or None if answered.result in _REFUSALS else None)
+                 detail=state.detail or None if answered.result in _REFUSALS else None,
+                 locale=state.locale if answered.command == "start" else None)
 
 
 def outcome_of(state: Verification) -> Outcome:

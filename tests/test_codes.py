@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from phoneverify.models.codes import draw_code, hash_code, sms_body
+from phoneverify.models.codes import draw_code, hash_code
 
 KEY = b"unit-test-code-key"
 OTHER_KEY = b"unit-test-code-key-2"
@@ -79,9 +79,3 @@ def test_digits_are_roughly_uniform_in_every_position():
             # Expected 2000 each, sd ~42; allow a very loose +-15 %.
             assert 1700 <= count <= 2300, (position, digit, count)
     assert len(set(codes)) > 8_000  # 20k draws from 10k codes cover most of them
-
-
-def test_sms_body_carries_the_code_as_one_run_of_digits():
-    body = sms_body("0042")
-    assert body == "Your verification code is 0042"
-    assert re.findall(r"[0-9]+", body) == ["0042"]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from phoneverify.models.templates.catalog import Budget, TemplateError, load
 from phoneverify.models.templates.render import (
+    body,
     minutes_of,
     render_speech,
     render_text,
@@ -74,6 +75,16 @@ def test_speech_spells_the_code_twice_and_never_carries_the_webotp_line(locale):
     assert "1708" not in spoken and "@" not in spoken and "Acme" in spoken
     assert render_speech(template, "1708", "").count("1, 7, 0, 8") == 2
     assert re.fullmatch(r"[a-z]{2,3}-[A-Z]{2}", template.voice)
+
+
+def test_a_delivery_body_is_text_with_the_webotp_line_or_speech_without_it():
+    template = CATALOG["fr"]
+    for channel in ("sms", "whatsapp"):
+        text = body(template, channel, "1708", "Acme", 1, "example.com")
+        assert text == ("Acme : votre code de vérification est 1708. Il est valable 1 min.\n"
+                        "@example.com #1708")
+    spoken = body(template, "call", "1708", "Acme", 1, "example.com")
+    assert spoken == "Voici votre code de vérification Acme : 1, 7, 0, 8. Je répète : 1, 7, 0, 8."
 
 
 @given(locale=st.sampled_from(LOCALES), length=st.integers(4, 10),

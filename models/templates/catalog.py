@@ -51,6 +51,10 @@ class Catalog:
     def __getitem__(self, locale: str) -> Template:
         return self.templates[locale]
 
+    def get(self, locale: str | None, default: str) -> Template:
+        """The template for ``locale``, else ``default``'s (say, a locale since removed)."""
+        return self.templates.get(locale or default) or self.templates[default]
+
     @property
     def locales(self) -> list[str]:
         return sorted(self.templates)

@@ -67,3 +67,12 @@ def render_speech(template: Template, code: str, app: str = "", minutes: int = 1
     """What the call says (with ``template.voice``): the first form that applies."""
     form = next(form for form in template.speech if _applies(form, app))
     return form.format(code=spell(code), app=app, minutes=minutes)
+
+
+def body(template: Template, channel: str, code: str, app: str = "", minutes: int = 1,
+         domain: str = "") -> str:
+    """What a delivery carries: for ``call`` the words spoken (never the WebOTP line), for
+    ``sms`` and ``whatsapp`` the text, ending with ``@domain #code`` when there is a domain."""
+    if channel == "call":
+        return render_speech(template, code, app, minutes)
+    return render_text(template, code, app, minutes, domain)
