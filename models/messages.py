@@ -107,6 +107,11 @@ class StartVerification(Message):
     #: ``locale``).
     accept_language: LocaleTag = None
 
+    def to_bytes(self) -> bytes:
+        """As JSON; ``locale`` and ``accept_language`` only when given."""
+        unset = {name for name in ("locale", "accept_language") if getattr(self, name) is None}
+        return self.model_dump_json(exclude=unset).encode()
+
 
 class SubmitCode(Message):
     instance_id: InstanceId
