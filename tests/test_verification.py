@@ -153,6 +153,19 @@ def test_start_emits_started_and_sms_requested_with_deadline():
     assert after.version == 2
 
 
+def test_the_locale_is_kept_from_the_start_and_said_in_its_reply():
+    """Rule 18: chosen once (at intake), carried by ``Started``, so replay rebuilds it and
+    every later delivery uses it; the start's reply says it, other replies do not."""
+    events = decide(start(locale="pt-BR", request_id="r1"), given())
+    assert events[0].locale == "pt-BR"
+    state = given(*EVENTS.validate_json(EVENTS.dump_json(events)))  # as replay reads them
+    assert state.locale == "pt-BR"
+    assert replies(start(locale="pt-BR", request_id="r1"), given())[0].locale == "pt-BR"
+    answered_code = replies(answer(RIGHT, at(3), request_id="r2"), state)
+    assert answered_code[0].result == "verified" and answered_code[0].locale is None
+    assert given(*started()).locale is None  # events from before: the default at send time
+
+
 def test_second_start_for_a_used_id_emits_nothing():
     assert decide(start(at(5), command_id="other"), given(*started())) == []
 
