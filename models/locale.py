@@ -9,6 +9,7 @@ it (langcodes' language distance: ``pt-PT`` -> ``pt``, ``fr-CA`` -> ``fr``, ``zh
 from __future__ import annotations
 
 from collections.abc import Collection
+from functools import lru_cache
 
 import langcodes
 
@@ -21,9 +22,13 @@ def match(tag: str | None, available: Collection[str]) -> str | None:
     """The available locale closest to ``tag``; ``None`` for no tag, junk, or none close."""
     if not tag or len(tag) > MAX_TAG or not available:
         return None
+    return _closest(tag.strip().replace("_", "-"), tuple(sorted(available)))
+
+
+@lru_cache(maxsize=4096)  # a start costs a dict lookup, not a language distance (~0.5 ms)
+def _closest(tag: str, available: tuple[str, ...]) -> str | None:
     try:
-        return langcodes.closest_supported_match(tag.strip().replace("_", "-"),
-                                                 list(available))
+        return langcodes.closest_supported_match(tag, list(available))
     except ValueError:  # not a BCP 47 tag (langcodes' LanguageTagError)
         return None
 
@@ -54,11 +59,17 @@ def of_region(region: str | None, available: Collection[str]) -> str | None:
     region = (region or "").upper()
     if len(region) != 2 or not region.isascii() or not region.isalpha() or _private(region):
         return None
+    return match(_likely(region), available)
+
+
+@lru_cache(maxsize=512)
+def _likely(region: str) -> str | None:
+    """CLDR's likely language of a region, as a tag (``BR`` -> ``pt-Latn-BR``)."""
     try:
         likely = langcodes.Language.get(f"und-{region}").maximize()
     except ValueError:
         return None
-    return match(likely.to_tag(), available) if likely.language != "und" else None
+    return likely.to_tag() if likely.language != "und" else None
 
 
 def _private(region: str) -> bool:
