@@ -15,7 +15,8 @@ from typing import Any
 _CLIENT = (
     "BlockedNumber", "InstanceIdInUse", "InvalidInput", "InvalidPhoneNumber",
     "KafkaUnavailable", "OutcomeTimeout", "RateLimited", "Refused", "ReplyTimeout",
-    "UnknownVerification", "VerificationClient", "VerificationError",
+    "UnknownVerification", "VerificationClient", "VerificationError", "WebhookSignatureError",
+    "verify_webhook",
 )
 _MESSAGES = ("Outcome", "Reply")
 __all__ = [*_CLIENT, *_MESSAGES]

@@ -9,8 +9,9 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from phoneverify.models.admission import Limits
@@ -94,6 +95,35 @@ class Settings(BaseSettings):
         r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$|^$",
         description="with it, SMS and WhatsApp bodies end with '@<domain> #<code>' (WebOTP)")
 
+    # ------------------------------------------------------------ outcome webhooks (rule 21)
+    webhook_urls: str = Field(
+        "", description="http(s) URLs, comma-separated: every outcome is POSTed to each")
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="the key of the Phoneverify-Signature HMAC (needed with "
+                                   "WEBHOOK_URLS)")
+    webhook_timeout_seconds: float = Field(5.0, gt=0, description="the longest one try takes")
+    webhook_max_age_seconds: float = Field(
+        86400.0, gt=0, description="tries stop this long after the outcome (then a dead letter)")
+    webhook_retry_seconds: float = Field(
+        1.0, gt=0, description="the first retry's gap; it doubles up to 600 s")
+    webhook_concurrency: int = Field(8, ge=1, description="tries at once per URL")
+
+    @field_validator("webhook_urls")
+    @classmethod
+    def _http_urls(cls, value: str) -> str:
+        for url in _items(value):
+            parsed = urlsplit(url)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError(f"{url!r} is not an http(s) URL (http://host/path)")
+        return value
+
+    @model_validator(mode="after")
+    def _webhook_secret(self) -> Settings:
+        if self.webhook_urls.strip() and not self.webhook_secret.get_secret_value():
+            raise ValueError("WEBHOOK_URLS needs WEBHOOK_SECRET, the key receivers check "
+                             "signatures with")
+        return self
+
     # ------------------------------------------------------------ derived
 
     @cached_property
@@ -141,6 +171,12 @@ class Settings(BaseSettings):
             path.touch(mode=0o600)
             path.write_text(secrets.token_urlsafe(32))
         return path.read_text().strip().encode()
+
+    @cached_property
+    def webhook_targets(self) -> tuple[str, ...]:
+        """The webhook URLs, in the order given, each once."""
+        return tuple(dict.fromkeys(url.strip() for url in self.webhook_urls.split(",")
+                                   if url.strip()))
 
     @cached_property
     def code_key(self) -> bytes:

@@ -38,11 +38,13 @@ ADMITTED = "verification.admitted"
 # Responses and terminates that a client's partitioner put on another partition than the
 # service's, moved to the right one (with their original time and coordinates).
 REROUTED = "verification.rerouted"
+# Internal. The webhook stage's results of its tries, keyed by instance id.
+WEBHOOK_TRIES = "verification.webhook-tries"
 # The fingerprint of the deployment's CODE_HASH_KEY: every worker must have the same key.
 KEYS = "verification.keys"
 
 ALL = (START, RESPONSE, TERMINATE, TICK, SMS, SMS_STATUS, EVENTS, OUTCOME, DEAD_LETTER,
-       REPLIES, ADMISSION, ADMITTED, REROUTED)  # and KEYS, one partition
+       REPLIES, ADMISSION, ADMITTED, REROUTED, WEBHOOK_TRIES)  # and KEYS, one partition
 
 log = logging.getLogger("phoneverify")
 
@@ -89,12 +91,13 @@ class Names:
         self.admission = prefix + ADMISSION
         self.admitted = prefix + ADMITTED
         self.rerouted = prefix + REROUTED
+        self.webhook_tries = prefix + WEBHOOK_TRIES
 
     def all(self) -> list[str]:
         return [self.prefix + name for name in ALL]
 
 
-TABLES = ("verifications", "numbers", "sms-sent")
+TABLES = ("verifications", "numbers", "sms-sent", "webhooks")
 
 
 def changelog(settings: Settings, table: str) -> str:

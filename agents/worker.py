@@ -44,6 +44,8 @@ def stop_on_hangup() -> None:
 
 
 def run_worker(argv: list[str] | None = None) -> None:
+    from pydantic import ValidationError
+
     from phoneverify.models.templates.catalog import TemplateError
     from phoneverify.ops.logs import (
         json_logging,
@@ -54,7 +56,14 @@ def run_worker(argv: list[str] | None = None) -> None:
     from phoneverify.settings import Settings
     from phoneverify.topics import KeyMismatch, check_code_key, ensure_topics
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:  # say which setting is wrong and why, in one line each
+        for item in error.errors(include_url=False):
+            name = str(item["loc"][0]).upper() if item["loc"] else "settings"
+            print(f"phoneverify worker: {name}: {item['msg'].removeprefix('Value error, ')}",
+                  file=sys.stderr)
+        raise SystemExit(2) from None
     if settings.log_format == "json":
         logging.config.dictConfig(json_logging(settings.log_level))
     else:

@@ -95,6 +95,9 @@ CATALOGUE: dict[str, Topic] = {
                            "code only as its keyed hash).",
                            {"RoutedCode": m.RoutedCode, "Terminate": m.Terminate},
                            INSTANCE_KEY, (SERVICE,), (SERVICE,), internal=True),
+    topics.WEBHOOK_TRIES: Topic("Internal: the result of each try to POST an outcome to a "
+                                "webhook URL.", {"WebhookTried": m.WebhookTried}, INSTANCE_KEY,
+                                (SERVICE,), (SERVICE,), internal=True),
     topics.KEYS: Topic("Internal (one partition): the fingerprint of CODE_HASH_KEY, so workers "
                        "with another key refuse to start.",
                        {"KeyFingerprint": str}, {"type": "string", "const": "code_hash_key"},

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -46,6 +48,7 @@ from phoneverify.models.messages import (
     Terminate,
     explain,
 )
+from phoneverify.models.webhooks import signature as webhook_signature
 from phoneverify.settings import Settings
 from phoneverify.topics import Names, partition_for
 
@@ -103,6 +106,46 @@ class OutcomeTimeout(VerificationError, TimeoutError):
 
 class KafkaUnavailable(VerificationError, ConnectionError):
     """Kafka could not be reached, or the deployment's topics do not exist."""
+
+
+class WebhookSignatureError(VerificationError, ValueError):
+    """A webhook's ``Phoneverify-Signature`` does not match its body and secret, is
+    malformed, or is older than the tolerance: do not trust the request."""
+
+
+def verify_webhook(body: bytes | str, signature: str, secret: bytes | str,
+                   tolerance_seconds: float = 300, now: float | None = None) -> Outcome:
+    """Check an outcome webhook and return its :class:`Outcome`.
+
+    ``body`` is the request's raw body (the bytes as received, before any JSON parsing),
+    ``signature`` its ``Phoneverify-Signature`` header (``t=<unix s>,v1=<hex HMAC-SHA256 of
+    "<t>.<body>">``), ``secret`` the service's ``WEBHOOK_SECRET``. Raises
+    :class:`WebhookSignatureError` when the signature does not match or its time is more
+    than ``tolerance_seconds`` from now (a replay). Compared in constant time.
+    """
+    raw = body.encode() if isinstance(body, str) else bytes(body)
+    key = secret.encode() if isinstance(secret, str) else bytes(secret)
+    fields: dict[str, list[str]] = {}
+    for part in (signature or "").split(","):
+        name, _, value = part.strip().partition("=")
+        fields.setdefault(name, []).append(value)
+    try:
+        stamp = int(fields["t"][0])
+    except (KeyError, ValueError):
+        raise WebhookSignatureError("Phoneverify-Signature has no t=<unix seconds>") from None
+    expected = webhook_signature(key, stamp, raw).rsplit("v1=", 1)[1]
+    if not any(hmac.compare_digest(expected.encode(), given.encode(errors="replace"))
+               for given in fields.get("v1", [])):
+        raise WebhookSignatureError("Phoneverify-Signature does not match the body and "
+                                    "secret")
+    age = (time.time() if now is None else now) - stamp
+    if abs(age) > tolerance_seconds:
+        raise WebhookSignatureError(f"Phoneverify-Signature is {age:.0f} s old, more than "
+                                    f"the {tolerance_seconds:g} s tolerated (a replay?)")
+    try:
+        return Outcome.model_validate_json(raw)
+    except ValidationError as error:
+        raise WebhookSignatureError(f"signed, but not an outcome: {explain(error)}") from None
 
 
 _REFUSALS: dict[str, type[Refused]] = {

@@ -220,6 +220,18 @@ class DeadLetter(Message):
 # ---------------------------------------------------------------- internal topics
 
 
+class WebhookTried(Message):
+    """The result of one try to POST an outcome to a webhook URL (the webhook stage's own
+    record: its table changes only in stream iteration)."""
+
+    instance_id: InstanceId
+    url: str
+    attempt: Annotated[int, Field(ge=1)]
+    ok: bool
+    #: Why it failed (``HTTP 503``, ``timed out after 5 s``, ``connection refused``...).
+    error: str = ""
+
+
 # A command's origin: where the client's record was first written, ``topic:partition:offset``.
 # It identifies a command across redeliveries and forwards, for idempotence.
 

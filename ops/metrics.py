@@ -51,6 +51,11 @@ sms_send = Histogram("phoneverify_sms_send_seconds", "How long the SMS provider 
 misrouted = Counter("phoneverify_misrouted_records", "Records a client's partitioner put on "
                     "another partition than the service's, moved to theirs.", ["topic"],
                     registry=REGISTRY)
+webhooks = Counter("phoneverify_webhooks", "Webhook tries by result: delivered, failed (a "
+                   "try that failed; retried), given_up (after WEBHOOK_MAX_AGE_SECONDS).",
+                   ["result"], registry=REGISTRY)
+webhook_pending = Gauge("phoneverify_webhook_pending", "Webhook deliveries (outcome and URL) "
+                        "not done yet, on this worker's partitions.", registry=REGISTRY)
 dead_letters = Counter("phoneverify_dead_letters", "Records sent to the dead-letter topic.",
                        ["topic"], registry=REGISTRY)
 
