@@ -85,25 +85,43 @@ def quiet_harmless_startup_errors(window: float = STARTUP_SECONDS) -> HarmlessSt
 TEXT_FORMAT = "[%(asctime)s] [%(process)s] [%(levelname)s] %(log_color)s%(message)s%(extra)s"
 
 
+def _extra(record: logging.LogRecord) -> str:
+    """mode's extra data (``extra={"data": ...}``), with its separator, or nothing."""
+    data = record.__dict__.get("data") or {}
+    return " " + ", ".join(f"{k}={v!r}" for k, v in data.items()) if data else ""
+
+
+def _no_trailing_spaces(text: str) -> str:
+    # Faust's own multi-line messages (tables) end some lines with spaces too.
+    if " \n" in text:
+        return "\n".join(line.rstrip() for line in text.split("\n"))
+    return text.rstrip(" ")
+
+
 class TextFormatter(ExtensionFormatter):
     """mode's console formatter (colours on a terminal), without trailing spaces."""
 
     def format(self, record: logging.LogRecord) -> str:
         self._format_args(record)  # as mode does
-        data = record.__dict__.get("data") or {}
-        record.extra = " " + ", ".join(f"{k}={v!r}" for k, v in data.items()) if data else ""
-        text = TTYColoredFormatter.format(self, record)
-        # Faust's own multi-line messages (tables) end some lines with spaces too.
-        return "\n".join(line.rstrip() for line in text.split("\n")) if " \n" in text else (
-            text.rstrip(" "))
+        record.extra = _extra(record)
+        return _no_trailing_spaces(TTYColoredFormatter.format(self, record))
+
+
+class PlainTextFormatter(logging.Formatter):
+    """The same for a log file (``--logfile``), without colours."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.extra = _extra(record)
+        return _no_trailing_spaces(super().format(record))
 
 
 def text_logging() -> dict[str, Any]:
-    """Faust's ``logging_config`` for text lines: mode's handlers, :class:`TextFormatter`."""
-    formatter = {"()": f"{__name__}.TextFormatter", "format": TEXT_FORMAT,
-                 "log_colors": DEFAULT_COLORS, "stream": sys.stdout}
-    return {"merge": True, "formatters": {"colored": formatter, "default": {
-        **formatter, "format": TEXT_FORMAT.replace("%(log_color)s", "")}}}
+    """Faust's ``logging_config`` for text lines: mode's handlers, these formatters."""
+    return {"merge": True, "formatters": {
+        "colored": {"()": f"{__name__}.TextFormatter", "format": TEXT_FORMAT,
+                    "log_colors": DEFAULT_COLORS, "stream": sys.stdout},
+        "default": {"()": f"{__name__}.PlainTextFormatter",
+                    "format": TEXT_FORMAT.replace("%(log_color)s", "")}}}
 
 
 # ---------------------------------------------------------------- LOG_FORMAT=json

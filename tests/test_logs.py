@@ -99,3 +99,23 @@ def test_a_stall_is_records_waiting_at_every_check() -> None:
     assert waiting_since((10.0, 10.0), 12.5, highwater=9, position=7, gap=7.5) == 10.0
     # Last seen waiting long ago (the partition was elsewhere): from now.
     assert waiting_since((10.0, 10.0), 100.0, highwater=9, position=7, gap=7.5) == 100.0
+
+
+def test_text_lines_end_without_spaces() -> None:
+    from phoneverify.ops.logs import PlainTextFormatter, TextFormatter, text_logging
+
+    formats = text_logging()["formatters"]
+    for formatter in (TextFormatter(fmt=formats["colored"]["format"]),
+                      PlainTextFormatter(fmt=formats["default"]["format"])):
+        def line(message: str, formatter: logging.Formatter = formatter, **data: object) -> str:
+            record = logging.LogRecord("phoneverify", logging.INFO, __file__, 1, message, (),
+                                       None)
+            if data:
+                record.data = data
+            return formatter.format(record)
+
+        sms = line("[sms to +14255550100 for x] Your verification code is 1708")
+        assert sms.endswith("code is 1708")
+        table = line("Updating subscribed topics to: \n+----+ \n| a  | ")
+        assert table.endswith("to:\n+----+\n| a  |")
+        assert line("with data", n=1).endswith("with data n=1")
