@@ -169,8 +169,8 @@ async def check_code_key(settings: Settings, timeout: float = 30.0) -> str:
     topic = settings.topic_prefix + KEYS
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
-    await consumer.start()
-    try:
+    try:  # started inside: stopped even when cancelled while starting (Ctrl-C)
+        await consumer.start()
         tp = TopicPartition(topic, 0)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
@@ -185,8 +185,8 @@ async def check_code_key(settings: Settings, timeout: float = 30.0) -> str:
     if recorded is None:
         producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                     acks="all")
-        await producer.start()
         try:
+            await producer.start()
             await producer.send_and_wait(topic, ours.encode(), key=b"code_hash_key")
         finally:
             await producer.stop()

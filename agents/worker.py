@@ -27,10 +27,11 @@ def port_taken(host: str, port: int) -> bool:
 
 def stop_on_hangup() -> None:
     """Closing the terminal (SIGHUP) stops the worker as Ctrl-C does: before Faust runs, as a
-    KeyboardInterrupt; once it runs, with mode's stopping sequence (as SIGTERM)."""
+    Ctrl-C (SIGINT, which ``asyncio.run`` turns into a clean cancel of what it runs); once it
+    runs, with mode's stopping sequence (as SIGTERM)."""
     from mode.worker import Worker
 
-    signal.signal(signal.SIGHUP, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     install = Worker._install_signal_handlers_unix
     if getattr(install, "hangup", False):
         return
