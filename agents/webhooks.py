@@ -100,8 +100,11 @@ class Batch:
                                  state.model_dump_json().encode())
                            for key, (partition, state) in self.changed.items()})
         for key, (partition, state) in self.changed.items():
-            _pending[partition][key] = 0 if state is None else len(state.targets)
-            if state is not None and state.next_due is not None:
+            if state is None:
+                _pending[partition].pop(key, None)
+                continue
+            _pending[partition][key] = len(state.targets)
+            if state.next_due is not None:
                 due.schedule(partition, state.next_due, key)
         metrics.webhook_pending.set(sum(sum(p.values()) for p in _pending.values()))
         for state, url, attempt in self.start:  # off the stream: results come back as records

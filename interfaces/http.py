@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import aiohttp
+import swagger_ui_bundle
 from aiohttp import web as aioweb
 from faust import web
 from pydantic import ValidationError
@@ -583,6 +584,42 @@ class OpenApi(web.View):
         return self.json(api_document())
 
 
+#: Swagger UI's files, from the swagger-ui-bundle-v2 package (never a CDN).
+SWAGGER = Path(swagger_ui_bundle.swagger_ui_path)
+SWAGGER_FILES = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript"}
+DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>phoneverify API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div><script src="/docs/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""
+
+
+class Docs(web.View):
+    """``GET /docs``: the OpenAPI document in Swagger UI (no key needed to read it; "Try it
+    out" asks for the key)."""
+
+    @openapi.operation("This API in Swagger UI", key=False, responses={200: str},
+                       media={200: "text/html"})
+    async def get(self, request: web.Request) -> web.Response:
+        return aioweb.Response(text=DOCS_PAGE, content_type="text/html")
+
+
+class DocsAsset(web.View):
+    """``GET /docs/{name}``: Swagger UI's script and style sheet."""
+
+    @openapi.operation("Swagger UI's files", key=False, responses={200: str, 404: ApiError},
+                       path={"name": {"type": "string", "enum": sorted(SWAGGER_FILES)}},
+                       media={200: tuple(SWAGGER_FILES.values())})
+    async def get(self, request: web.Request, name: str) -> web.Response:
+        if name not in SWAGGER_FILES:
+            return self.error(404, f"no such file: {name}")
+        return aioweb.Response(body=(SWAGGER / name).read_bytes(),
+                               content_type=SWAGGER_FILES[name],
+                               headers={"Cache-Control": "max-age=86400"})
+
+
 def api_document() -> dict[str, Any]:
     """The OpenAPI document of every route this worker serves."""
     # Routes registered with route() (Faust replaces "/" in its own map once the worker
@@ -666,6 +703,8 @@ for path, view in (
     ("/readyz", Ready),
     ("/metrics", Metrics),
     ("/openapi.json", OpenApi),
+    ("/docs", Docs),
+    ("/docs/{name}", DocsAsset),
     (RECEIPTS, TwilioReceipt),
     *API,
     # The same API under /api, where Azure Functions serves HTTP triggers by default.

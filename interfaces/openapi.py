@@ -47,8 +47,8 @@ class Operation:
     key: bool = True
     #: Headers of an answer, by status: name -> description.
     headers: Mapping[int, Mapping[str, str]] = field(default_factory=dict)
-    #: An answer's media type other than JSON, by status (text/html, text/plain...).
-    media: Mapping[int, str] = field(default_factory=dict)
+    #: An answer's media type(s) other than JSON, by status (text/html, text/plain...).
+    media: Mapping[int, str | tuple[str, ...]] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     description: str = ""
 
@@ -150,9 +150,11 @@ def _operation(path: str, method: str, view: str, declared: Operation | None,
         model = responses[status]
         if model is not None:
             media = declared.media.get(status, "application/json")
-            schema = schemas.of(model, "serialization") if media == "application/json" else (
-                {"type": "string"})
-            answer["content"] = {media: {"schema": schema}}
+            if media == "application/json":
+                answer["content"] = {media: {"schema": schemas.of(model, "serialization")}}
+            else:
+                answer["content"] = {name: {"schema": {"type": "string"}} for name in
+                                     ((media,) if isinstance(media, str) else media)}
         if status in declared.headers:
             answer["headers"] = {name: {"description": text, "schema": {"type": "string"}}
                                  for name, text in declared.headers[status].items()}

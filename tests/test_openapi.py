@@ -43,7 +43,7 @@ def test_the_document_is_valid_openapi_31_and_lists_every_route():
         ("/orchestrators/E4_SmsPhoneVerification", "post"), (seed, "get"),
         (f"{seed}/raiseEvent/{{event_name}}", "post"), (f"{seed}/terminate", "post"),
         ("/healthz", "get"), ("/readyz", "get"), ("/metrics", "get"), ("/", "get"),
-        ("/openapi.json", "get"), ("/twilio/status", "post"),
+        ("/openapi.json", "get"), ("/twilio/status", "post"), ("/docs", "get"),
     ]:
         assert method in paths.get(path, {}), f"{method.upper()} {path} is not documented"
     undocumented = [f"{method.upper()} {path}" for path, item in paths.items()
@@ -73,6 +73,13 @@ def test_the_worker_serves_it_without_the_key(worker: Worker):
     assert answer.status_code == 200
     assert answer.headers["Content-Type"].startswith("application/json")
     assert answer.json() == generated()
+    # Swagger UI from the package, no CDN: the page loads only its own files.
+    page = requests.get(f"http://127.0.0.1:{worker.web_port}/docs", timeout=10)
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text
+    assert "http" not in page.text and '"/openapi.json"' in page.text
+    script = requests.get(f"http://127.0.0.1:{worker.web_port}/docs/swagger-ui-bundle.js",
+                          timeout=10)
+    assert script.status_code == 200 and len(script.content) > 100_000
 
 
 #: What a request valid by the schema may get besides 2xx: the state decides (unknown, in use,
