@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test test-long lint bench chaos docs clean
+.PHONY: setup run test test-long lint bench profile chaos docs clean
 .DEFAULT_GOAL := help
 
 help:
@@ -12,6 +12,7 @@ help:
 	@echo "make test-long - the long fuzz and fault runs (make test skips them)"
 	@echo "make lint   - ruff"
 	@echo "make bench  - the benchmark (prints figures; BENCH_ARGS=... for options)"
+	@echo "make profile - the steady 50/s load under py-spy: .local/profile/profile.svg (flame graph)"
 	@echo "make chaos  - the fault suite (prints a table)"
 	@echo "make docs   - regenerate docs/asyncapi.yaml from the models (a test fails when stale)"
 	@echo "make clean  - delete .local/ (broker data, logs, jars, worker keys)"
@@ -41,6 +42,13 @@ lint: $(BIN)/.installed
 BENCH_ARGS ?=
 bench: setup
 	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# The steady 50/s load only (PROFILE_ARGS to change it), the worker sampled by py-spy: a flame
+# graph in .local/profile/profile.svg, collapsed stacks beside it, a summary by layer on stdout.
+PROFILE_ARGS ?= --rate 50 --latency-seconds 60 --crc32-rate 0
+profile: setup
+	$(BIN)/python -m phoneverify.ops.broker run -- $(BIN)/python bench/bench.py \
+		--py-spy .local/profile $(PROFILE_ARGS)
 
 # Starts its own brokers (ports 59092-59102 by default, ARGS=--port to move them) in /tmp.
 chaos: setup

@@ -55,6 +55,9 @@ from phoneverify.models.verification import (
 )
 from phoneverify.ops.broker.local import stop_process
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import pyspy  # beside this file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 DIGITS = re.compile(r"\d+")
@@ -377,7 +380,7 @@ def phone_number(i: int) -> str:
 # ---------------------------------------------------------------- 1 and 2: the service
 
 
-async def idle_cpu(worker: Worker, seconds: float = 3.0) -> float:
+async def idle_cpu(worker: Worker, seconds: float = 10.0) -> float:
     """The worker's CPU share with nothing to do but its timers (ticks, commits)."""
     cpu = cpu_seconds(worker.pid)
     await asyncio.sleep(seconds)
@@ -401,10 +404,11 @@ class Throughput:
         return sum(self.records.get(t, 0) for t in topics) / self.count
 
 
-async def throughput(client: Client, worker: Worker, count: int) -> Throughput:
+async def throughput(client: Client, worker: Worker, count: int,
+                     idle_seconds: float) -> Throughput:
     """Phase 1: ``count`` starts at once; the records written to every topic are counted."""
     d = client.d
-    idle = await idle_cpu(worker)
+    idle = await idle_cpu(worker, idle_seconds) if idle_seconds else 0.0
     before = await end_offsets(d.bootstrap, d)
     cpu = cpu_seconds(worker.pid)
     run = await client.drive(count, rate=None, timeout=120 + count / 10)
@@ -694,6 +698,22 @@ def latency_rows(lat: Latency) -> list[str]:
     ]
 
 
+def cpu_rows(idle: float, latencies: list[Latency], tp: Throughput | None = None) -> list[str]:
+    """The worker process's CPU (utime + stime from ``/proc/<pid>/stat``) per phase."""
+    lines = [LINE, "5. worker CPU (user + system, /proc/<pid>/stat) per phase",
+             row("phase", "per verification / share of one core"),
+             row("idle (timers, ticks, commits, fetch loop)", f"{'-':>9} / {idle:.1%}")]
+    for lat in latencies:
+        seconds = lat.count / lat.achieved
+        lines.append(row(f"steady {lat.rate:g}/s" + (" (CRC32 client)" if lat.crc32 else ""),
+                         f"{lat.worker_cpu / lat.count * 1000:6.2f} ms / "
+                         f"{lat.worker_cpu / seconds:.1%}"))
+    if tp is not None:
+        lines.append(row(f"burst of {tp.count}", f"{tp.worker_cpu / tp.count * 1000:6.2f} ms / "
+                                                f"{tp.worker_cpu / tp.seconds:.1%}"))
+    return lines
+
+
 def raw_rows(tp: Throughput, raw: Raw) -> list[str]:
     counted = Counted.of(tp)
     # A raw record is 2 records handled (1 consumed + 1 produced); a verification is `handled`.
@@ -734,6 +754,7 @@ def report(args: argparse.Namespace, d: Deployment, results: Results) -> str:
     lines = [*header(d, results.loads), *throughput_rows(results.throughput),
              *(line for lat in results.latencies for line in latency_rows(lat)),
              *raw_rows(results.throughput, results.raw),
+             *cpu_rows(results.throughput.idle_cpu, results.latencies, results.throughput),
              *tick_rows(results.ticks, args.tick_due), RULE]
     return "\n".join(lines)
 
@@ -751,11 +772,12 @@ def topic_breakdown(tp: Throughput) -> str:
 
 @dataclass
 class Results:
-    throughput: Throughput
+    throughput: Throughput | None  # None: profiling the steady phases only
     latencies: list[Latency]
-    raw: Raw
+    raw: Raw | None
     ticks: dict[int, TickTimes]  # by pending
     loads: tuple[str, str]  # load average before and after
+    idle: float = 0.0  # share of one core, when there is no throughput phase
 
 
 async def measure_service(args: argparse.Namespace, d: Deployment,
@@ -764,24 +786,49 @@ async def measure_service(args: argparse.Namespace, d: Deployment,
     async with Client(d) as client:
         say(f"warm-up: {args.warmup} verifications")
         await client.drive(args.warmup, rate=None, timeout=120)
-        say(f"1. throughput: {args.n} verifications")
-        tp = await throughput(client, worker, args.n)
+        say(f"1. throughput: {args.n} verifications (idle for {args.idle_seconds:g} s first)")
+        tp = await throughput(client, worker, args.n, args.idle_seconds)
         say(f"   {tp.per_second:,.0f}/s")
-        lats = []
-        for rate, crc32 in [*((rate, False) for rate in args.rate),
-                            *([(args.crc32_rate, True)] if args.crc32_rate else [])]:
-            count = max(10, round(rate * args.latency_seconds))
-            say(f"2. latency: {count} verifications at {rate:g}/s"
-                + (", partitioned by CRC32" if crc32 else ""))
-            lats.append(await latency(client, worker, count, rate, crc32))
+        lats = await latencies(args, client, worker)
     say(f"3. raw aiokafka loop: {args.raw_n} records")
     raw = await raw_loop(d, args.raw_n, args.raw_bytes)
     return tp, lats, raw
 
 
+async def latencies(args: argparse.Namespace, client: Client, worker: Worker) -> list[Latency]:
+    """Phase 2 at each offered rate."""
+    lats = []
+    for rate, crc32 in [*((rate, False) for rate in args.rate),
+                        *([(args.crc32_rate, True)] if args.crc32_rate else [])]:
+        count = max(10, round(rate * args.latency_seconds))
+        say(f"2. latency: {count} verifications at {rate:g}/s"
+            + (", partitioned by CRC32" if crc32 else ""))
+        lats.append(await latency(client, worker, count, rate, crc32))
+    return lats
+
+
+async def profile_steady(args: argparse.Namespace, d: Deployment,
+                         worker: Worker) -> tuple[float, list[Latency]]:
+    """``--py-spy``: idle, then the steady phases only, with py-spy sampling the worker."""
+    async with Client(d) as client:
+        say(f"warm-up: {args.warmup} verifications")
+        await client.drive(args.warmup, rate=None, timeout=120)
+        say(f"idle for {args.idle_seconds:g} s")
+        idle = await idle_cpu(worker, args.idle_seconds)
+        spy = pyspy.Profile(worker.pid, args.py_spy / "profile.svg", args.py_spy / "profile.txt")
+        spy.start()
+        try:
+            lats = await latencies(args, client, worker)
+        finally:
+            spy.stop()
+    return idle, lats
+
+
 def measure(args: argparse.Namespace, d: Deployment) -> Results:
     """Every phase; the worker is stopped (and the topics deleted) whatever happens."""
     load_before = load_average()
+    if args.py_spy:
+        return measure_profile(args, d, load_before)
     say("4. tick path")
     ticks = tick_times([int(n) for n in args.tick_pending.split(",")], args.tick_due, args.ticks)
     with tempfile.TemporaryDirectory(prefix="phoneverify-bench-") as tmp:
@@ -800,6 +847,35 @@ def measure(args: argparse.Namespace, d: Deployment) -> Results:
     return Results(tp, lats, raw, ticks, (load_before, load_average()))
 
 
+def measure_profile(args: argparse.Namespace, d: Deployment, load_before: str) -> Results:
+    """``--py-spy``: the steady phases only, sampled by py-spy."""
+    with tempfile.TemporaryDirectory(prefix="phoneverify-bench-") as tmp:
+        worker = Worker(d, Path(tmp))
+        try:
+            say(f"starting a worker (topic prefix {d.prefix})")
+            worker.start()
+            idle, lats = asyncio.run(profile_steady(args, d, worker))
+        except BaseException:
+            say("failed; worker log tail:\n" + worker.log()[-3000:])
+            raise
+        finally:
+            worker.stop()
+            if not args.keep_topics:
+                cleanup(d)
+    return Results(None, lats, None, {}, (load_before, load_average()), idle)
+
+
+def profile_report(args: argparse.Namespace, d: Deployment, results: Results) -> str:
+    lines = [*header(d, results.loads),
+             *(line for lat in results.latencies for line in latency_rows(lat)),
+             *cpu_rows(results.idle, results.latencies), LINE,
+             f"6. where the worker's CPU went in the steady phases (py-spy, "
+             f"{args.py_spy / 'profile.svg'})"]
+    for name, share in pyspy.summary(args.py_spy / "profile.txt"):
+        lines.append(row(name, "" if share != share else f"{share:.1%}"))
+    return "\n".join([*lines, RULE])
+
+
 def rates(text: str) -> list[float]:
     return [float(rate) for rate in text.split(",")]
 
@@ -816,6 +892,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crc32-rate", type=float, default=50.0,
                         help="offered starts/s for the latency of a CRC32-partitioning client "
                              "(0: skip)")
+    parser.add_argument("--idle-seconds", type=float, default=10.0,
+                        help="how long the idle worker's CPU is measured")
     parser.add_argument("--partitions", type=int, default=8)
     parser.add_argument("--raw-n", type=int, default=50_000, help="records for the raw loop")
     parser.add_argument("--raw-bytes", type=int, default=200, help="raw record value size")
@@ -826,6 +904,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092"))
     parser.add_argument("--profile-worker", type=Path, default=None,
                         help="run the worker under cProfile, stats written to this file")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR",
+                        help="only the steady phases, sampled by py-spy: DIR/profile.svg (a "
+                             "flame graph) and DIR/profile.txt (collapsed stacks)")
+    parser.add_argument("--before", metavar="GIT_REF", default=None,
+                        help="before / after in one run: a second worker runs the code of "
+                             "GIT_REF (bench/compare.py); latency phases and a burst of --n")
+    parser.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the before worker (repeatable)")
     parser.add_argument("--keep-topics", action="store_true", help="leave the topics on the broker")
     return parser.parse_args(argv)
 
@@ -844,8 +930,16 @@ def main(argv: list[str] | None = None) -> int:
     assert "app" not in sys.modules  # the bench must not build a Faust app of its own
     # Producer retries just after a topic is created ("not leader") are expected; errors raise.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    if args.before:
+        import compare  # beside this file
+
+        print(compare.run(args))
+        return 0
     d = Deployment(args.bootstrap, args.partitions)
     results = measure(args, d)
+    if results.throughput is None:
+        print(profile_report(args, d, results))
+        return 0
     print(report(args, d, results))
     print(topic_breakdown(results.throughput))
     return 0
