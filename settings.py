@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="text or json log lines")
     #: Where the Twilio client sends requests; only tests point it at a local fake.
     twilio_base_url: str | None = None
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="the event loop: uvloop (less CPU per record) or asyncio's own")
+    fetch_linger_ms: float = Field(
+        5.0, ge=0, le=1000,
+        description="after a fetch that brought records, wait this long before the next one "
+                    "(fewer, fuller fetches at light load; at most this much per hop; 0: off)")
 
     # ------------------------------------------------------------ language (rules 18, 19)
     app_name: str = Field("", max_length=64, description="the app's name in messages ({app}); "

@@ -12,7 +12,7 @@ import threading
 
 import faust
 
-from phoneverify.ops import faust_fixes, recovery
+from phoneverify.ops import faust_fixes, fetch_linger, recovery
 from phoneverify.ops.broker.local import worker_client_id
 from phoneverify.ops.logs import json_logging, text_logging
 from phoneverify.settings import Settings
@@ -21,6 +21,7 @@ from phoneverify.topics import Names
 faust_fixes.apply()
 settings = Settings()
 recovery.apply(settings.data_dir)
+fetch_linger.apply(settings.fetch_linger_ms / 1000)
 names = Names(settings.topic_prefix)
 
 

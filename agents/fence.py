@@ -49,8 +49,8 @@ def frozen_for(wall: float, cpu: float) -> float:
 
 def check() -> None:
     """Exit at once if the process was frozen past :data:`FROZEN_LIMIT` since last noted."""
-    if _wall is None:
-        return
+    if _wall is None or clock() - _wall <= FROZEN_LIMIT:
+        return  # a stop is never longer than the time gone by (this skips the CPU clock)
     stopped = frozen_for(_wall, _cpu)
     if stopped > FROZEN_LIMIT:
         logging.getLogger("phoneverify").critical(

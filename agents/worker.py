@@ -48,6 +48,7 @@ def run_worker(argv: list[str] | None = None) -> None:
     from pydantic import ValidationError
 
     from phoneverify.models.templates.catalog import TemplateError
+    from phoneverify.ops import speedups
     from phoneverify.ops.logs import (
         json_logging,
         quiet_bad_requests,
@@ -87,6 +88,9 @@ def run_worker(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     say("templates: %s (default %s)%s", " ".join(catalog.locales), default,
         f"; app name {settings.app_name!r}" if settings.app_name else "")
+    use_event_loop(settings.event_loop, log)
+    for what in speedups.missing():
+        log.warning("%s", what)
     try:
         created, replicas = asyncio.run(ensure_topics(settings))
         if created:
@@ -121,6 +125,20 @@ def run_worker(argv: list[str] | None = None) -> None:
     sys.argv = ["phoneverify", *quiet, "worker", "--loglevel", settings.log_level.lower(),
                 *(argv or [])]
     app.main()
+
+
+def use_event_loop(name: str, log: logging.Logger) -> None:
+    """Install uvloop's event loop policy (Faust's consumer thread makes its loop from it too),
+    unless ``EVENT_LOOP=asyncio`` or uvloop is not installed (then warn and use asyncio's)."""
+    if name != "uvloop":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        log.warning("EVENT_LOOP=uvloop but uvloop is not installed: asyncio's event loop is "
+                    "used (more CPU per record)")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 if __name__ == "__main__":
