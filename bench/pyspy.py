@@ -79,19 +79,33 @@ class Profile:
                 process.wait()
 
 
+def waiting(leaf: str) -> bool:
+    """A sample taken while an event loop waits in epoll: asyncio's selector, or uvloop's loop
+    (C code: its innermost Python frame is what started the loop)."""
+    return leaf.startswith(("EpollSelector.select", "ServiceThread._start_thread",
+                            "Worker.execute_from_commandline", "BaseEventLoop.run_forever"))
+
+
 def summary(raw: Path, top: int = 12) -> list[tuple[str, float]]:
-    """Share of the samples by layer (innermost frame), then the frames of interest."""
+    """Share of the working samples by layer (innermost frame), then the frames of interest.
+
+    Samples in an event loop's wait are counted apart: py-spy takes a thread that is
+    runnable for active, and on a loaded machine a thread just woken from epoll waits there
+    for a core; those samples are not the worker's CPU."""
     layers: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
-    total = 0
+    total = waits = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        total += n
         frames = stack.split(";")
         leaf = frames[-1]
+        if waiting(leaf):
+            waits += n
+            continue
+        total += n
         layers[next((name for key, name in LAYERS if key in leaf), "other")] += n
         for label, key in INCLUSIVE:
             if any(key in frame for frame in frames):
@@ -101,5 +115,6 @@ def summary(raw: Path, top: int = 12) -> list[tuple[str, float]]:
     rows = [(name, n / total) for name, n in layers.most_common(top)]
     rows.append(("-- anywhere on the stack (inclusive) --", float("nan")))
     rows += [(label, inclusive[label] / total) for label, _ in INCLUSIVE]
-    rows.append((f"samples (100 Hz, CPU only): {total}", float("nan")))
+    rows.append((f"samples (100 Hz): {total} working, {waits} in an event loop's wait "
+                 "(left out)", float("nan")))
     return rows
