@@ -102,15 +102,15 @@ def run_worker(argv: list[str] | None = None) -> None:
                       asyncio.run(cluster_id(settings.kafka_bootstrap_servers)))
         (settings.data_dir / STORE_DIR).mkdir(parents=True, exist_ok=True)
         asyncio.run(check_code_key(settings))
+        from phoneverify.agents.app import (
+            app,  # imported after the topics exist: Faust subscribes on start
+        )
     except KeyMismatch as error:
         log.error("%s", error)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         say("stopped while starting (nothing was consuming yet)")
         raise SystemExit(130) from None
-    from phoneverify.agents.app import (
-        app,  # imported after the topics exist: Faust subscribes on start
-    )
 
     if not settings.api_key_value:
         log.warning("API_KEY is empty: the HTTP API accepts requests without a key (local "
