@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     http_reply_timeout_seconds: float = Field(
         10.0, gt=0, description="how long an HTTP write waits for the actor's reply")
 
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
+        "at_least_once", description="at_least_once, or exactly_once: each batch's state, "
+        "outputs and input offsets in one Kafka transaction (docs/guarantees.md)")
+
     # ------------------------------------------------------------ additions
     api_keys: str = Field("", description="more accepted API keys, comma-separated (rotation)")
     http_max_body_bytes: int = Field(4096, ge=64, description="largest HTTP request body")

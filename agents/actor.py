@@ -53,6 +53,7 @@ from phoneverify.agents.records import (
     tick_time,
 )
 from phoneverify.agents.sender import sent
+from phoneverify.agents.transactions import EXACTLY_ONCE
 from phoneverify.models.codes import draw_code, hash_code
 from phoneverify.models.messages import (
     Admission,
@@ -174,6 +175,8 @@ class Batch:
         self.outputs: dict[int, list[Output]] = defaultdict(list)
         self.stateless = Outbox()  # dead letters of bad records, forwards: no state involved
         self.written_outboxes: set[int] = set()
+        #: Whether this batch's outbox records list its outputs (not under exactly once).
+        self.outputs_kept = True
         #: For the metrics, once published: (kind, label, record time of the command).
         self.published: list[tuple[str, str, float | None]] = []
         #: Dead letters of commands refused without a change of state.
@@ -215,7 +218,8 @@ class Batch:
                 await outbox.send(topic, key.encode(), value.encode(), partition=target)
         await outbox.flush()
         _outbox_full.difference_update(self.written_outboxes)
-        _outbox_full.update(p for p, outputs in self.outputs.items() if outputs)
+        if self.outputs_kept:
+            _outbox_full.update(p for p, outputs in self.outputs.items() if outputs)
         self.count()
 
     def count(self) -> None:
@@ -237,9 +241,12 @@ class Batch:
         """Each partition's outbox first, then the states (see the module's docstring). An
         outbox this worker left full is emptied: its outputs went out with its batch."""
         writes: dict[bytes, tuple[int, bytes | None]] = {}
-        self.written_outboxes = set(self.outputs) | _outbox_full
+        if EXACTLY_ONCE:  # the outputs commit with the state: no outbox (an old one emptied)
+            self.written_outboxes, self.outputs_kept = set(_outbox_full), False
+        else:
+            self.written_outboxes = set(self.outputs) | _outbox_full
         for partition in sorted(self.written_outboxes):
-            outputs = self.outputs.get(partition, [])
+            outputs = self.outputs.get(partition, []) if self.outputs_kept else []
             writes[OUTBOX + str(partition).encode()] = (
                 partition, zlib.compress(json.dumps(outputs).encode(), 1))
         for key, (partition, stored) in self.changed.items():
@@ -254,6 +261,8 @@ class Batch:
         if not raw:
             return
         outputs = json.loads(zlib.decompress(raw))
+        if outputs:
+            _outbox_full.add(partition)  # emptied by the next write (under exactly once)
         versions: dict[str, int] = {}
         for output in outputs:
             iid = output[4]

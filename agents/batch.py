@@ -10,6 +10,12 @@ The batch's input records are acknowledged to Faust after that, and Faust commit
 offsets only after flushing the producer: a crash redelivers every record whose batch did not
 finish. The local store never holds a write that Kafka lacks, which is what lets a restarted
 worker trust its store and replay only the changelog's tail.
+
+Under ``PROCESSING_GUARANTEE=exactly_once`` the same calls go into Kafka transactions, one per
+input partition of the batch (:mod:`phoneverify.agents.transactions`): ``batches`` hands the
+agent one partition's records at a time with its transaction open, the writes and sends of
+the agent go into it, and the transactions commit with their input offsets once the agent
+has handled every part; the local store is written after that.
 """
 
 from __future__ import annotations
@@ -22,10 +28,11 @@ from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
 from faust.types import TP, EventT, StreamT
 from rocksdict import WriteBatch
 
-from phoneverify.agents import fence
+from phoneverify.agents import fence, transactions
 from phoneverify.agents.app import app
 from phoneverify.ops import metrics
 
@@ -70,12 +77,53 @@ async def batches(stream: StreamT[bytes], size: int = BATCH_SIZE,
             if not taken:
                 arrived.clear()
             room.set()
-            if batch:
+            if batch and transactions.EXACTLY_ONCE:
+                async for part in _in_transactions(batch):
+                    yield part
+            elif batch:
                 yield batch
-                for event in batch:
-                    await stream.ack(event)
+            for event in batch:
+                await stream.ack(event)
     finally:
         stream._processors.remove(buffer)  # type: ignore[attr-defined]
+
+
+async def _in_transactions(batch: list[EventT]) -> AsyncIterator[list[EventT]]:
+    """The batch one input partition at a time, each handled inside that partition's
+    transaction; the transactions commit (concurrently, the one before committing while the
+    next is handled) with their input offsets once all are handled."""
+    parts: dict[int, list[EventT]] = defaultdict(list)
+    for event in batch:
+        parts[event.message.partition].append(event)
+    commits, used = [], []
+    busy = transactions.producers.busy
+    for partition, events in sorted(parts.items()):
+        group = transactions.group_of(events[0].message.topic)
+        producer = None if group is None else transactions.producers.get(group, partition)
+        if producer is None:  # fetched before this partition was revoked: not ours now
+            continue
+        name = f"{group}[{partition}]"
+        busy.add(producer)
+        used.append(producer)
+        try:
+            await producer.begin_transaction()
+        except Exception as error:
+            transactions.stop(name, error)
+        txn = transactions.Transaction(producer, name)
+        offsets: dict[TopicPartition, int] = {}
+        for event in events:
+            tp = TopicPartition(event.message.topic, partition)
+            offsets[tp] = max(offsets.get(tp, 0), event.message.offset + 1)
+        token = transactions.current.set(txn)
+        try:
+            yield events
+        finally:
+            transactions.current.reset(token)
+        commits.append(asyncio.ensure_future(txn.commit(offsets)))
+    try:
+        await asyncio.gather(*commits)
+    finally:
+        busy.difference_update(used)
 
 
 async def guarded(agent: str, work: Awaitable[None]) -> None:
@@ -83,7 +131,8 @@ async def guarded(agent: str, work: Awaitable[None]) -> None:
     write, say), stop the process at once: it starts again from the last commit. (Faust would
     restart the agent, which goes on past the failed batch's records; and a worker whose
     agent died keeps answering health checks while it consumes nothing.)"""
-    fence.check()
+    if not transactions.EXACTLY_ONCE:  # under transactions the broker fences a zombie
+        fence.check()
     try:
         await work
     except Exception:
@@ -114,13 +163,19 @@ class Outbox:
     async def send(self, topic: str, key: bytes | None, value: bytes | None, *,
                    partition: int | None = None, timestamp: float | None = None,
                    headers: list[tuple[str, bytes]] | None = None) -> None:
-        """Hand one record to the producer (no round trip here)."""
+        """Hand one record to the producer, or to the transaction in progress (no round trip
+        here)."""
+        txn = transactions.current.get()
+        if txn is not None:
+            await txn.send(topic, key, value, partition, timestamp, headers)
+            return
         fence.check()
         self._acks.append(await app.producer.send(topic, key, value, partition, timestamp,
                                                   headers))
 
     async def flush(self) -> None:
-        """Wait until Kafka has acknowledged everything sent so far (raises if it refused)."""
+        """Wait until Kafka has acknowledged everything sent so far (raises if it refused).
+        In a transaction, nothing to wait for: its commit is what makes the records count."""
         acks, self._acks = self._acks, []
         if acks:
             await asyncio.gather(*acks)
@@ -155,11 +210,23 @@ class AggregateTable(faust.Table):
         order they were sent: if one is durable, so is every record sent before it there."""
         if not changes:
             return
-        fence.check()
         topic = self.changelog_topic.get_topic_name()
+        txn = transactions.current.get()
+        if txn is not None:  # the store is written once the transaction committed
+            acks = [await txn.send(topic, key, value, partition)
+                    for key, (partition, value) in changes.items()]
+            changes = dict(changes)
+            txn.after.append(lambda: self._write_local(
+                topic, changes, [ack.result() for ack in acks]))
+            return
+        fence.check()
         acks = [await app.producer.send(topic, key, value, partition, None, None)
                 for key, (partition, value) in changes.items()]
-        written = await asyncio.gather(*acks)
+        self._write_local(topic, changes, await asyncio.gather(*acks))
+
+    def _write_local(self, topic: str, changes: Mapping[bytes, tuple[int, bytes | None]],
+                     written: list[Any]) -> None:
+        """Write ``changes`` to RocksDB, and the changelog offsets Kafka gave them."""
         local: dict[int, WriteBatch] = defaultdict(lambda: WriteBatch(raw_mode=True))
         for key, (partition, value) in changes.items():
             if value is None:

@@ -11,6 +11,10 @@ process exits (75: a supervisor starts it again; it rejoins the group and reads 
 commit, so nothing is lost). An event loop that is merely busy spends CPU meanwhile and does
 not count as frozen; one blocked that long on I/O without CPU (a disk stalled for seconds)
 does, and costs a restart.
+
+Under ``PROCESSING_GUARANTEE=exactly_once`` the broker fences a zombie's Kafka writes
+(:mod:`phoneverify.agents.transactions`), so this clock guards only what Kafka cannot fence:
+each try to send an SMS (the provider would accept it from a zombie too).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import os
 import time
 
-from phoneverify.agents.app import app
+from phoneverify.agents.app import app, settings
 
 #: Stopped this long, the worker may have missed enough heartbeats for its session to expire:
 #: half the session, so that a worker still inside it never stops.
@@ -69,4 +73,5 @@ async def watch() -> None:
     while True:
         _wall, _cpu = clock(), time.process_time()
         await asyncio.sleep(EVERY)
-        check()
+        if settings.processing_guarantee == "at_least_once":
+            check()

@@ -3,7 +3,8 @@ and checks what came out. Prints one table.
 
     .venv/bin/python bench/chaos.py [--quick] [--only 1,4] [--rate 50] [--port 59092]
 
-(``make chaos``; ``make chaos ARGS=--quick`` for the short form CI runs.)
+(``make chaos``; ``make chaos ARGS=--quick`` for the short form CI runs; ``--guarantee
+exactly_once`` or ``both`` runs the workers with ``PROCESSING_GUARANTEE`` so.)
 
 Scenarios:
 
@@ -24,13 +25,14 @@ command) starts verifications at a steady rate, each with its own phone number a
 that one's reply is back with the code the SMS carried (``r-<id>``). So every verification
 must end verified with ``attempts == 2``: a wrong code delivered again must never count twice.
 
-Checks, from the topics read again from the beginning once the workers have committed
-everything: every started verification has an outcome (else it is *lost*); copies of an
-outcome are identical (counted as *duplicate outcomes*), verified, ``code_matched``, 2
-attempts; no verification got SMS commands with two different codes, and the code is the one
-``draw_code`` gives with the deployment's ``CODE_HASH_KEY``; every request id has a reply,
-its copies identical, with the expected result; no dead letters; replay of
-``verification.events`` gives exactly the table (``ops/replay.py``).
+Checks, from the topics read again from the beginning (``read_committed``, as a client of
+``exactly_once`` must read) once the workers have committed everything: every started
+verification has an outcome (else it is *lost*); copies of an outcome, a reply or an event
+are identical (counted; under ``exactly_once`` any copy fails the scenario), verified,
+``code_matched``, 2 attempts; no verification got SMS commands with two different codes, and
+the code is the one ``draw_code`` gives with the deployment's ``CODE_HASH_KEY``; every
+request id has a reply, its copies identical, with the expected result; no dead letters;
+replay of ``verification.events`` gives exactly the table (``ops/replay.py``).
 
 *Recovery* after a fault: the longest a verification started within 2 s of it (before or
 after; if none was, because the client's producer held its sends while no broker answered,
@@ -126,6 +128,7 @@ class Params:
     partitions: int = 8
     recover_timeout: float = 180.0
     drain_timeout: float = 300.0
+    guarantee: str = "at_least_once"  # the workers' PROCESSING_GUARANTEE
 
 
 FULL = Params()
@@ -165,6 +168,7 @@ class Service:
     bootstrap: str
     tmp: Path
     partitions: int
+    guarantee: str = "at_least_once"
     prefix: str = field(default_factory=lambda: f"chaos{uuid.uuid4().hex[:8]}.")
 
     @property
@@ -190,6 +194,7 @@ class Service:
                 "CODE_HASH_KEY": CODE_HASH_KEY,
                 "API_KEY": "chaos-api-key",
                 "PARTITIONS": str(self.partitions),
+                "PROCESSING_GUARANTEE": self.guarantee,
                 "RATE_LIMIT_STARTS": "1000000",
                 "VERIFICATION_TIMEOUT_SECONDS": "900",  # faults must not expire anything
                 "EARLY_COMMAND_GRACE_SECONDS": "300",
@@ -277,7 +282,8 @@ class Worker:
 
 def _reader(bootstrap: str, topic: str, partitions: int) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=100)
+                                auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                                isolation_level="read_committed")
     consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
     return consumer
 
@@ -420,9 +426,11 @@ class Verdict:
     """What one scenario produced, checked."""
 
     name: str
+    guarantee: str = "at_least_once"
     started: int = 0
     concluded: int = 0
     duplicate_outcomes: int = 0
+    duplicate_events: int = 0  # (instance_id, life, seq) seen more than once
     different_outcomes: int = 0  # verifications whose outcome copies differ
     bad_outcomes: list[str] = field(default_factory=list)  # not verified with 2 attempts
     different_codes: int = 0  # verifications with SMS commands carrying different codes
@@ -453,7 +461,14 @@ class Verdict:
             self.replay.rebuilt == self.replay.live == self.replay.matching == self.started)
 
     @property
+    def copies(self) -> int:
+        """Copies a ``read_committed`` consumer saw of outcomes, replies and events."""
+        return self.duplicate_outcomes + self.duplicate_replies + self.duplicate_events
+
+    @property
     def ok(self) -> bool:
+        if self.guarantee == "exactly_once" and self.copies:
+            return False
         return (self.lost == 0 and self.different_outcomes == 0 and not self.bad_outcomes
                 and self.different_codes == 0 and self.unexpected_codes == 0
                 and self.missing_replies == 0 and self.different_replies == 0
@@ -470,6 +485,9 @@ class Verdict:
                              ("dead letters", self.dead_letters)):
             if value:
                 found.append(f"{label}: {value}")
+        if self.guarantee == "exactly_once" and self.copies:
+            found.append(f"copies under exactly_once: {self.duplicate_outcomes} outcomes, "
+                         f"{self.duplicate_replies} replies, {self.duplicate_events} events")
         found += [f"outcome: {bad}" for bad in self.bad_outcomes[:10]]
         found += [f"reply: {bad}" for bad in self.bad_replies[:10]]
         if self.replay is None:
@@ -505,6 +523,11 @@ async def judge(verdict: Verdict, service: Service, load: Load) -> None:
     sms = _group(await _topic(service, "verification.sms"), "instance_id")
     replies = _group(await _topic(service, "verification.replies"), "request_id")
     verdict.dead_letters = len(await _topic(service, "verification.dead-letter"))
+    events = Counter()
+    for _key, value in await _topic(service, "verification.events"):
+        event = json.loads(value or b"{}")
+        events[(event.get("instance_id"), event.get("life"), event.get("seq"))] += 1
+    verdict.duplicate_events = sum(n - 1 for n in events.values())
     verdict.started = len(ids)
     verdict.concluded = len(ids & set(outcomes))
     for iid, copies in outcomes.items():
@@ -585,13 +608,13 @@ class Scenario:
         self.broker = broker
         self.tmp = tmp / name
         self.tmp.mkdir(parents=True, exist_ok=True)
-        self.service = Service(bootstrap, self.tmp, params.partitions)
+        self.service = Service(bootstrap, self.tmp, params.partitions, params.guarantee)
         self.workers: dict[str, Worker] = {}
         self.supervised: set[str] = set()
         self.events: list[tuple[str, float]] = []
         self.restarts = 0
         self.load: Load | None = None
-        self.verdict = Verdict(name)
+        self.verdict = Verdict(name, params.guarantee)
 
     # -- workers -------------------------------------------------------------------------
 
@@ -814,6 +837,7 @@ async def worker_zombie(s: Scenario, load: Load) -> None:
     late = zombie.log(since=size).splitlines()
     interesting = [line for line in late if re.search(
         r"CommitFailed|RebalanceInProgress|IllegalGeneration|UnknownMemberId|outbox again|"
+        r"fenced by the broker|was stopped for|"
         r"ERROR|Traceback|crash|verification .*: (verified|failed)", line)]
     s.verdict.notes.append(f"zombie log after SIGCONT: {len(interesting)} notable lines")
     s.verdict.notes += [f"  w2: {line[:200]}" for line in interesting[:12]]
@@ -854,7 +878,7 @@ PLANS = (
 
 def run_plan(plan: Plan, bootstrap: str, tmp: Path, params: Params,
              broker: LocalBroker | None) -> Verdict:
-    scenario = Scenario(plan.name, bootstrap, tmp, params, broker)
+    scenario = Scenario(f"{plan.name}-{params.guarantee}", bootstrap, tmp, params, broker)
     return asyncio.run(scenario.run(list(plan.workers), plan.script))
 
 
@@ -862,15 +886,16 @@ def run_plan(plan: Plan, bootstrap: str, tmp: Path, params: Params,
 
 
 def table(verdicts: list[Verdict]) -> str:
-    head = ("scenario", "started", "concluded", "lost", "dup outcomes", "diff codes",
-            "bad replies", "recovery s", "replay")
+    head = ("scenario", "guarantee", "started", "concluded", "lost", "copies: outcomes / "
+            "replies / events", "diff codes", "bad replies", "recovery s", "replay")
     rows = [head]
     for v in verdicts:
         bad = v.missing_replies + v.different_replies + len(v.bad_replies)
         replay_text = ("clean" if v.replay_ok else "DIFFERS") + (
             f" ({v.replay.matching})" if v.replay else "")
-        rows.append((v.name, str(v.started), str(v.concluded), str(v.lost),
-                     str(v.duplicate_outcomes), str(v.different_codes), str(bad),
+        rows.append((v.name, v.guarantee, str(v.started), str(v.concluded), str(v.lost),
+                     f"{v.duplicate_outcomes} / {v.duplicate_replies} / {v.duplicate_events}",
+                     str(v.different_codes), str(bad),
                      v.recovery_text(), replay_text))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |"
@@ -903,6 +928,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=None, help="starts per second")
     parser.add_argument("--port", type=int, default=59092, help="base port of the brokers")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--guarantee", default="at_least_once",
+                        choices=("at_least_once", "exactly_once", "both"),
+                        help="the workers' PROCESSING_GUARANTEE (both: each scenario twice)")
     return parser.parse_args(argv)
 
 
@@ -914,6 +942,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rate:
         params = Params(**{**params.__dict__, "rate": args.rate})
     wanted = {int(n) for n in args.only.split(",") if n.strip()} or {p.number for p in PLANS}
+    guarantees = (("at_least_once", "exactly_once") if args.guarantee == "both"
+                  else (args.guarantee,))
     tmp = Path(tempfile.mkdtemp(prefix="chaos-", dir="/tmp"))
     home = broker_home(tmp)
     verdicts: list[Verdict] = []
@@ -932,11 +962,15 @@ def main(argv: list[str] | None = None) -> int:
             say(f"broker(s) ready in {time.monotonic() - began:.0f}s")
             try:
                 for plan in plans:
-                    try:
-                        verdicts.append(run_plan(plan, broker.bootstrap, tmp, params, broker))
-                    except Exception as error:  # the table still shows the others
-                        say(f"{plan.name}: failed: {error!r}")
-                        verdicts.append(Verdict(plan.name, notes=[f"error: {error!r}"]))
+                    for guarantee in guarantees:
+                        these = Params(**{**params.__dict__, "guarantee": guarantee})
+                        try:
+                            verdicts.append(run_plan(plan, broker.bootstrap, tmp, these,
+                                                     broker))
+                        except Exception as error:  # the table still shows the others
+                            say(f"{plan.name}: failed: {error!r}")
+                            verdicts.append(Verdict(plan.name, guarantee,
+                                                    notes=[f"error: {error!r}"]))
             finally:
                 broker.stop()
     finally:

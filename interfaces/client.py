@@ -444,7 +444,8 @@ class VerificationClient:
         return AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers, enable_auto_commit=False,
             auto_offset_reset="earliest", group_id=None, client_id="phoneverify-client",
-            request_timeout_ms=int(self.request_timeout * 1000))
+            request_timeout_ms=int(self.request_timeout * 1000),
+            isolation_level="read_committed")  # under exactly_once: each record once
 
 
 def _command_name(topic: str, names: Names) -> str:

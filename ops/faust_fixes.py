@@ -1,4 +1,5 @@
-"""Three patches to faust-streaming 0.15.x, applied when the app is imported.
+"""Patches to faust-streaming 0.15.x (and one to aiokafka's record iterator), applied when
+the app is imported.
 
 1. A fix for a message-loss race (seek before resume), below.
 2. The consumer's fetch loop hands a whole fetch to the conductor under one ``wait_first``
@@ -6,6 +7,17 @@
    per record, which were the largest part of Faust's per-record cost in our profiles.
 3. Faust's stall detector reports a partition only when its records have been waiting for
    ``stream_processing_timeout`` (:func:`_stall_when_waiting`), not at a record that just came.
+4. Transactions (see :mod:`phoneverify.agents.transactions`), without Faust's own exactly-once
+   mode: the consumer reads ``read_committed``; offsets aiokafka itself skipped (transaction
+   markers, aborted records) are noted, so the fetch loop's check for skipped records tells
+   them from records Faust lost (:func:`_noting_skips`); a table's recovery ends once the
+   consumer is past the changelog's end (its last offset is a marker no record fills:
+   :func:`_need_recovery`); Faust commits no offset of a topic whose offsets a transaction
+   commits (:data:`TRANSACTIONAL_TOPICS`); and hooks run at each assignment before the tables'
+   recovery reads the changelogs and before the consumer reads the committed offsets
+   (:data:`ON_ASSIGNED`: the partitions' transactional producers start first, which fences the
+   previous owner's and ends its open transaction, so what recovery and the seek read is
+   final).
 
 The race:
 
@@ -27,11 +39,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import faust.tables.recovery
 from aiokafka import TopicPartition
+from aiokafka.consumer.fetcher import PartitionRecords
 from faust.tables.recovery import Recovery
+from faust.transport.conductor import Conductor
 from faust.transport.consumer import CONSUMER_FETCHING, Consumer
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.transport.drivers.aiokafka import Consumer as AIOKafkaConsumer
@@ -71,7 +86,8 @@ def _seek_before_resume(method: Callable[..., Awaitable[None]]) -> Callable[...,
 
 
 def apply() -> None:
-    """Patch ``Recovery`` and ``Consumer`` once; a second call changes nothing."""
+    """Patch ``Recovery``, ``Consumer`` and aiokafka's ``PartitionRecords`` once; a second
+    call changes nothing."""
     for name in ("on_recovery_completed", "_resume_streams"):
         method = getattr(Recovery, name)
         if not getattr(method, _PATCHED, False):
@@ -84,6 +100,21 @@ def apply() -> None:
     if not getattr(verify, _PATCHED, False):
         AIOKafkaConsumerThread.verify_event_path = (  # type: ignore[method-assign]
             _stall_when_waiting(verify))
+    unpack = PartitionRecords._unpack_records
+    if not getattr(unpack, _PATCHED, False):
+        PartitionRecords._unpack_records = _noting_skips(unpack)  # type: ignore[method-assign]
+    create = AIOKafkaConsumerThread._create_worker_consumer
+    if not getattr(create, _PATCHED, False):
+        AIOKafkaConsumerThread._create_worker_consumer = _read_committed(create)  # type: ignore[method-assign]
+    if not getattr(Recovery.need_recovery, _PATCHED, False):
+        Recovery.need_recovery = _need_recovery  # type: ignore[method-assign]
+    faust.tables.recovery.asyncio = _RecoveryClock()  # type: ignore[attr-defined]
+    assigned = Conductor.on_partitions_assigned
+    if not getattr(assigned, _PATCHED, False):
+        Conductor.on_partitions_assigned = _hooked_assignment(assigned)  # type: ignore[method-assign]
+    filtered = Consumer._filter_committable_offsets
+    if not getattr(filtered, _PATCHED, False):
+        Consumer._filter_committable_offsets = _not_transactional(filtered)  # type: ignore[method-assign]
 
 
 # ---------------------------------------------------------------- stalls: records waiting
@@ -136,6 +167,140 @@ def _stall_when_waiting(method: Callable[[Any, float, TP], None]
         waiting[tp] = (since, now)
         if now - since >= self.tp_stream_timeout_secs:
             method(self, now, tp)
+
+
+# ---------------------------------------------------------------- transactions
+
+#: Topics whose input offsets are committed in transactions (Faust must not commit them).
+TRANSACTIONAL_TOPICS: set[str] = set()
+#: Awaited with the consumer's assignment at each rebalance, before the tables' recovery
+#: reads their changelogs and before the consumer seeks to the committed offsets.
+ON_ASSIGNED: list[Callable[[set[TP]], Awaitable[None]]] = []
+#: Per partition, the offset ranges aiokafka skipped itself (start -> end): transaction
+#: markers, aborted transactions' records, records compacted away.
+SKIPPED: dict[Any, dict[int, int]] = {}
+
+
+def _noting_skips(method: Callable[[PartitionRecords], Iterator[Any]]
+                  ) -> Callable[[PartitionRecords], Iterator[Any]]:
+    """aiokafka's record iterator, noting each offset range it passes without a record."""
+
+    @functools.wraps(method)
+    def wrapper(self: PartitionRecords) -> Iterator[Any]:
+        skipped = SKIPPED.setdefault(TP(self._tp.topic, self._tp.partition), {})
+        at = self.next_fetch_offset
+        for record in method(self):
+            if record.offset > at:
+                skipped[at] = record.offset
+            at = record.offset + 1
+            yield record
+        if self.next_fetch_offset > at:
+            skipped[at] = self.next_fetch_offset
+        if len(skipped) > 10_000:  # long past: nobody asks about them any more
+            for start in sorted(skipped)[:5_000]:
+                del skipped[start]
+
+    setattr(wrapper, _PATCHED, True)
+    return wrapper
+
+
+def skipped_by_consumer(tp: TP, start: int, end: int, forget: bool = True) -> bool:
+    """Whether aiokafka itself passed every offset from ``start`` up to ``end`` (excluded)
+    without a record: markers and aborted records, not records lost on the way (``forget``:
+    and forget those ranges, they are asked about once)."""
+    skipped = SKIPPED.get(tp)
+    if not skipped:
+        return start >= end
+    at = start
+    while at < end and at in skipped:
+        at = skipped.pop(at) if forget else skipped[at]
+    return at >= end
+
+
+def _read_committed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Faust's worker consumer with ``isolation_level=read_committed`` (Faust sets it only in
+    its own exactly-once mode): records of aborted transactions are never delivered, nor
+    those of open ones."""
+
+    @functools.wraps(method)
+    def wrapper(self: AIOKafkaConsumerThread, *args: Any, **kwargs: Any) -> Any:
+        consumer = method(self, *args, **kwargs)
+        consumer._isolation_level = "read_committed"
+        return consumer
+
+    setattr(wrapper, _PATCHED, True)
+    return wrapper
+
+
+def _position(recovery: Recovery, tp: TP) -> int | None:
+    """The consumer's position in ``tp`` (the next offset it fetches), if it has one."""
+    try:
+        consumer = recovery.app.consumer._thread._ensure_consumer()  # type: ignore[attr-defined]
+        state = consumer._subscription.subscription.assignment.state_value(tp)
+        return state.position if state is not None and state.has_valid_position else None
+    except Exception:  # not started, not assigned: no position
+        return None
+
+
+def _need_recovery(self: Recovery) -> bool:
+    """Faust's check, except that a changelog partition is done when every offset after the
+    last record applied, up to the consumer's position past the highwater, held no record
+    (under transactions a changelog ends with a commit marker, never delivered; aborted
+    records are skipped too). Records fetched but not applied yet keep it going."""
+    remaining = self.active_remaining()
+    for tp, left in remaining.items():
+        if left > 0:
+            position = _position(self, tp)
+            if position is None or position <= self.active_highwaters[tp]:
+                return True
+            applied = self.active_offsets[tp]
+            if not skipped_by_consumer(TP(tp.topic, tp.partition), applied + 1, position,
+                                       forget=False):
+                return True
+            self.active_offsets[tp] = self.active_highwaters[tp]
+    return False
+
+
+setattr(_need_recovery, _PATCHED, True)
+
+
+class _RecoveryClock:
+    """``asyncio`` as Faust's recovery module sees it, except that the changelog reader wakes
+    every 0.2 s instead of 5 s when nothing comes: a recovery whose changelogs end with
+    markers ends on the next wake-up (:func:`_need_recovery`), not 5 s later."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(asyncio, name)
+
+    @staticmethod
+    async def wait_for(awaitable: Awaitable[Any], timeout: float | None) -> Any:
+        return await asyncio.wait_for(awaitable, None if timeout is None else min(timeout, 0.2))
+
+
+def _hooked_assignment(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """Faust's topic conductor told of an assignment, after the :data:`ON_ASSIGNED` hooks
+    (Faust calls it in each rebalance before the tables' recovery starts)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Conductor, assigned: set[TP]) -> None:
+        for hook in ON_ASSIGNED:
+            await hook(set(assigned))
+        await method(self, assigned)
+
+    setattr(wrapper, _PATCHED, True)
+    return wrapper
+
+
+def _not_transactional(method: Callable[[Consumer, Iterable[TP]], dict[TP, int]]
+                       ) -> Callable[[Consumer, Iterable[TP]], dict[TP, int]]:
+    """Faust's committable offsets without those of :data:`TRANSACTIONAL_TOPICS`: their
+    offsets are committed with each batch's transaction; a commit of Faust's landing after a
+    later transaction's would move the group back."""
+
+    @functools.wraps(method)
+    def wrapper(self: Consumer, tps: Iterable[TP]) -> dict[TP, int]:
+        return {tp: offset for tp, offset in method(self, tps).items()
+                if tp.topic not in TRANSACTIONAL_TOPICS}
 
     setattr(wrapper, _PATCHED, True)
     return wrapper
@@ -239,7 +404,8 @@ async def _drain_messages(self: Consumer, fetcher: Any) -> None:  # pragma: no c
             if due is not None and offset >= due:  # older ones: left from before the seek
                 del expected[tp]
                 if (offset > due and rewound.get(tp) != due
-                        and acks_enabled_for(message.topic)):  # the due one was skipped
+                        and acks_enabled_for(message.topic)
+                        and not skipped_by_consumer(tp, due, offset)):  # the due one was skipped
                     sought.add(tp)
                     await read_again(tp, offset, due)
                     continue
@@ -247,7 +413,8 @@ async def _drain_messages(self: Consumer, fetcher: Any) -> None:  # pragma: no c
             if r_offset is None or offset >= r_offset:
                 gap = offset - (r_offset or 0)
                 if gap > 1 and r_offset and acks_enabled_for(message.topic):
-                    if rewound.get(tp) != r_offset + 1:  # records were skipped: read again
+                    if (rewound.get(tp) != r_offset + 1  # records were skipped: read again
+                            and not skipped_by_consumer(tp, r_offset + 1, offset)):
                         sought.add(tp)
                         await read_again(tp, offset, r_offset + 1)
                         continue

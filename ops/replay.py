@@ -51,8 +51,10 @@ Record = tuple[bytes | None, bytes | None]
 
 
 async def records(bootstrap: str, topic: str, partitions: int) -> AsyncIterator[ConsumerRecord]:
-    """Every record of ``topic`` from the beginning up to its end as of now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    """Every committed record of ``topic`` from the beginning up to its end as of now (as a
+    ``read_committed`` consumer sees them: none of an aborted transaction)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -85,7 +87,8 @@ async def caught_up(bootstrap: str, group: str, topics: Iterable[str], partition
     (then what the workers made of them is in Kafka); ``TimeoutError`` after ``timeout``.
     Returns early once ``give_up()`` is true (the workers crashed, say)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
     await admin.start()
     await consumer.start()
     try:
@@ -98,6 +101,8 @@ async def caught_up(bootstrap: str, group: str, topics: Iterable[str], partition
                 committed = await admin.list_consumer_group_offsets(group, partitions=tps)
                 behind = [tp for tp in tps if ends[tp] > 0 and (
                     tp not in committed or committed[tp].offset < ends[tp])]
+                behind = [tp for tp in behind if tp not in committed or await _holds_records(
+                    consumer, tp, committed[tp].offset, ends[tp])]
                 if give_up is not None and give_up():
                     return
                 if not behind:
@@ -108,6 +113,21 @@ async def caught_up(bootstrap: str, group: str, topics: Iterable[str], partition
     finally:
         await consumer.stop()
         await admin.close()
+
+
+async def _holds_records(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int,
+                         end: int) -> bool:
+    """Whether offsets ``start`` to ``end`` (excluded) of ``tp`` hold a committed record (under
+    transactions a committed offset may be followed by nothing but a commit marker)."""
+    consumer.assign([tp])
+    consumer.seek(tp, start)
+    while await consumer.position(tp) < end:
+        batch = await consumer.getmany(tp, timeout_ms=1000)
+        if any(message.offset < end for message in batch.get(tp, [])):
+            return True
+        if not batch:
+            return await consumer.position(tp) < end
+    return False
 
 
 Stream = tuple[str, str]  # (instance_id, life)

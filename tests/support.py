@@ -188,7 +188,8 @@ class Client:
                    timeout: float = 30.0, key: str | None = None) -> list[dict[str, Any]]:
         """Read ``topic`` from the beginning until ``until(records)`` holds; returns them."""
         consumer = AIOKafkaConsumer(bootstrap_servers=self.d.bootstrap, enable_auto_commit=False,
-                                    auto_offset_reset="earliest")
+                                    auto_offset_reset="earliest",
+                                    isolation_level="read_committed")
         await consumer.start()
         try:
             name = self.d.topic(topic)

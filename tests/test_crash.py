@@ -7,6 +7,8 @@ same machine does); the second starts from an empty one (restored from the chang
 Afterwards every command has its reply (copies identical), every verification its outcome
 (copies identical), no verification got two SMS with different codes, no redelivered wrong
 answer was counted twice, and replaying ``verification.events`` gives exactly the live table.
+In both modes (``PROCESSING_GUARANTEE``); under ``exactly_once`` a ``read_committed`` reader
+(as the test's client is) sees no copy at all.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import re
 import uuid
 from collections import defaultdict
 from typing import Any
+
+import pytest
 
 from phoneverify.models.codes import draw_code
 from phoneverify.ops.replay import run as replay
@@ -37,9 +41,11 @@ def other(code: str) -> str:
     return str((int(code) + 1) % 10_000).zfill(4)
 
 
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
 async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
-        deployment: Deployment, start_worker) -> None:
-    worker = start_worker("first", **ENV)
+        deployment: Deployment, start_worker, guarantee: str) -> None:
+    env = {**ENV, "PROCESSING_GUARANTEE": guarantee}
+    worker = start_worker("first", **env)
     ids = [uuid.uuid4().hex for _ in range(N)]
     codes = {iid: draw_code(TEST_CODE_KEY.encode(), iid, 4) for iid in ids}
     async with Client(deployment) as client:
@@ -52,7 +58,7 @@ async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
                                                      "request_id": f"s-{iid}"})
         await client.read("verification.sms", lambda r: len(r) >= N // 4)
         worker.kill()
-        worker = start_worker("first", **ENV)  # the same local store
+        worker = start_worker("first", **env)  # the same local store
 
         sms = by_instance(await client.read(
             "verification.sms", lambda r: len(by_instance(r)) == N, timeout=120))
@@ -65,7 +71,7 @@ async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
                                                         "request_id": f"r-{iid}"})
         await client.read("verification.outcome", lambda r: len(r) >= N // 4, timeout=120)
         worker.kill()
-        start_worker("second", **ENV)  # an empty local store
+        start_worker("second", **env)  # an empty local store
 
         outcomes = by_instance(await client.read(
             "verification.outcome", lambda r: len(by_instance(r)) == N, timeout=120))
@@ -87,7 +93,11 @@ async def test_sigkill_in_flight_loses_nothing_and_never_sends_two_codes(
                 copies = replies[request]
                 assert all(copy == copies[0] for copy in copies), copies
                 assert (copies[0]["result"], copies[0]["attempts_left"]) == (result, left)
-        print(f"\n{N} verifications, 2 kills: "
+        if guarantee == "exactly_once":  # read_committed, as the client reads: each once
+            assert all(len(copies) == 1 for copies in outcomes.values())
+            assert all(len(copies) == 1 for copies in replies.values())
+            assert all(len(copies) == 1 for copies in sms.values())
+        print(f"\n{guarantee}, {N} verifications, 2 kills: "
               f"{sum(len(c) - 1 for c in outcomes.values())} duplicate outcomes, "
               f"{sum(len(c) - 1 for c in replies.values())} duplicate replies, "
               f"{sum(len(c) - 1 for c in sms.values())} duplicate SMS commands (same code)")

@@ -81,9 +81,16 @@ def own_broker(request: pytest.FixtureRequest, kafka: str,
         broker.stop()
 
 
-def _run(number: int, bootstrap: str, tmp_path: Path,
+#: The modes (PROCESSING_GUARANTEE) each scenario runs in here. exactly_once is not among
+#: them yet: its first run of worker-kill on this machine fell behind the load (see
+#: docs/guarantees.md); ``bench/chaos.py --guarantee exactly_once`` runs it.
+GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once"])
+
+
+def _run(number: int, bootstrap: str, tmp_path: Path, guarantee: str,
          broker: LocalBroker | None = None) -> chaos.Verdict:
-    verdict = chaos.run_plan(PLANS[number], bootstrap, tmp_path, PARAMS, broker)
+    params = chaos.Params(**{**PARAMS.__dict__, "guarantee": guarantee})
+    verdict = chaos.run_plan(PLANS[number], bootstrap, tmp_path, params, broker)
     print("\n" + chaos.table([verdict]) + "\n" + chaos.details([verdict]))
     return verdict
 
@@ -100,38 +107,50 @@ def _check(verdict: chaos.Verdict) -> None:
     assert verdict.bad_replies == []
     assert verdict.dead_letters == 0
     assert verdict.replay_ok, verdict.problems()
+    if verdict.guarantee == "exactly_once":  # read_committed: each output once
+        assert (verdict.duplicate_outcomes, verdict.duplicate_replies,
+                verdict.duplicate_events) == (0, 0, 0)
     assert verdict.ok
 
 
 @pytest.mark.slow  # about 1 min here: three JVMs, a kill, a restart
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("own_broker", [3], indirect=True)
-def test_broker_leader_killed_and_restarted(own_broker: LocalBroker, tmp_path: Path) -> None:
-    verdict = _run(1, own_broker.bootstrap, tmp_path, own_broker)
+@GUARANTEES
+def test_broker_leader_killed_and_restarted(own_broker: LocalBroker, tmp_path: Path,
+                                            guarantee: str) -> None:
+    verdict = _run(1, own_broker.bootstrap, tmp_path, guarantee, own_broker)
     _check(verdict)
     assert [label.split()[0] for label, _ in verdict.recovery] == ["SIGKILL", "restart"]
 
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("own_broker", [1], indirect=True)
-def test_single_broker_stopped_and_started(own_broker: LocalBroker, tmp_path: Path) -> None:
-    _check(_run(2, own_broker.bootstrap, tmp_path, own_broker))
+@GUARANTEES
+def test_single_broker_stopped_and_started(own_broker: LocalBroker, tmp_path: Path,
+                                           guarantee: str) -> None:
+    _check(_run(2, own_broker.bootstrap, tmp_path, guarantee, own_broker))
 
 
 @pytest.mark.timeout(600)
-def test_worker_killed_its_partitions_move(kafka: str, tmp_path: Path) -> None:
-    _check(_run(3, kafka, tmp_path))
+@GUARANTEES
+def test_worker_killed_its_partitions_move(kafka: str, tmp_path: Path, guarantee: str) -> None:
+    _check(_run(3, kafka, tmp_path, guarantee))
 
 
 @pytest.mark.long  # about 1 min: the paused worker must outlive its 15 s session
 @pytest.mark.timeout(600)
-def test_zombie_worker_fences_itself_and_nothing_differs(kafka: str, tmp_path: Path) -> None:
-    _check(_run(4, kafka, tmp_path))
+@GUARANTEES
+def test_zombie_worker_is_fenced_and_nothing_differs(kafka: str, tmp_path: Path,
+                                                     guarantee: str) -> None:
+    _check(_run(4, kafka, tmp_path, guarantee))
 
 
 @pytest.mark.timeout(600)
-def test_workers_added_and_removed_under_load(kafka: str, tmp_path: Path) -> None:
-    _check(_run(5, kafka, tmp_path))
+@GUARANTEES
+def test_workers_added_and_removed_under_load(kafka: str, tmp_path: Path,
+                                              guarantee: str) -> None:
+    _check(_run(5, kafka, tmp_path, guarantee))
 
 
 async def test_a_worker_frozen_past_half_its_session_fences_itself(
