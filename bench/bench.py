@@ -217,8 +217,9 @@ async def wait_for_leaders(admin: AIOKafkaAdminClient, topics: list[str],
 def reader(bootstrap: str, topic: str, partitions: int) -> AIOKafkaConsumer:
     """A consumer assigned every partition of ``topic`` from the start (no group, no rebalance)."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                auto_offset_reset="earliest", fetch_max_wait_ms=100)
-    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])
+                                auto_offset_reset="earliest", fetch_max_wait_ms=100,
+                                isolation_level="read_committed")  # as a client must, under
+    consumer.assign([TopicPartition(topic, p) for p in range(partitions)])  # exactly_once
     return consumer
 
 

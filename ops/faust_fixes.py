@@ -168,6 +168,9 @@ def _stall_when_waiting(method: Callable[[Any, float, TP], None]
         if now - since >= self.tp_stream_timeout_secs:
             method(self, now, tp)
 
+    setattr(wrapper, _PATCHED, True)
+    return wrapper
+
 
 # ---------------------------------------------------------------- transactions
 
