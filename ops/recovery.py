@@ -212,18 +212,6 @@ def _set_aside(recovery: Recovery, tps: Iterable[TP]) -> Path:
     return folder
 
 
-def _need_recovery(self: Recovery) -> bool:
-    """Faust's ``Recovery.need_recovery`` (is any active changelog partition behind its
-    highwater?), without building a ``Counter`` of every partition: Faust asks it after
-    every restored record, and that was a sixth of a restore's time in our profile."""
-    offsets = self.active_offsets
-    for tp, highwater in self.active_highwaters.items():
-        offset = offsets[tp]
-        if highwater is not None and offset is not None and highwater > offset:
-            return True
-    return False
-
-
 _data_dir = Path(".")
 
 
@@ -234,4 +222,3 @@ def apply(data_dir: Path) -> None:
     if not getattr(Recovery._build_offsets, _PATCHED, False):
         Recovery._build_offsets = _checked_offsets(Recovery._build_offsets)  # type: ignore[method-assign]
         Recovery._build_highwaters = _build_highwaters  # type: ignore[method-assign]
-        Recovery.need_recovery = _need_recovery  # type: ignore[method-assign]

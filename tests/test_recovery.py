@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -217,34 +216,3 @@ async def test_a_store_from_another_cluster_is_set_aside_at_start(
     finally:
         await asyncio.to_thread(other.stop)
 
-
-# ------------------------------------------------------------- the restore's per-record check
-
-
-def test_need_recovery_answers_as_faust_did() -> None:
-    """Faust asks after every restored record whether any active partition is still behind;
-    ours answers the same, without building a Counter of every partition."""
-    from faust.tables.recovery import Recovery
-    from faust.types import TP
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-
-    original = Recovery.active_remaining  # Faust's, unpatched
-
-    class Probe:
-        active_remaining = original
-
-        def __init__(self, highwaters: dict, offsets: dict) -> None:
-            self.active_highwaters, self.active_offsets = highwaters, Counter(offsets)
-
-    values = st.one_of(st.none(), st.integers(-1, 5))
-
-    @settings(deadline=None)  # timing is not the point; the machine may be busy
-    @given(st.dictionaries(st.integers(0, 7), st.tuples(values, values)))
-    def same(parts: dict) -> None:
-        probe = Probe({TP("c", p): hw for p, (hw, _) in parts.items()},
-                      {TP("c", p): off for p, (_, off) in parts.items()})
-        faust_says = any(v > 0 for v in original(probe).values())
-        assert recovery._need_recovery(probe) == faust_says  # type: ignore[arg-type]
-
-    same()
