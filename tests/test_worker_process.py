@@ -17,7 +17,10 @@ def test_a_taken_web_port_is_one_line_saying_what_to_set(deployment: Deployment)
         worker.env["WEB_PORT"] = str(port)
         worker.launch()
         assert worker.process is not None
-        code = worker.process.wait(60)
+        try:
+            code = worker.process.wait(60)
+        finally:
+            worker.stop(timeout=10)  # only if it is still running: never left behind
     assert code == 2
     assert worker.log().splitlines() == [
         f"[ERROR] port {port} (WEB_PORT) on 127.0.0.1 is taken, by another worker or program: "
@@ -28,7 +31,10 @@ def test_a_closed_terminal_stops_the_worker_as_ctrl_c(deployment: Deployment) ->
     worker = Worker(deployment).start()
     assert worker.process is not None
     worker.process.send_signal(signal.SIGHUP)
-    code = worker.process.wait(60)
+    try:
+        code = worker.process.wait(60)
+    finally:
+        worker.stop(timeout=10)  # only if it is still running: never left behind
     log = worker.log()
     assert "Stopping..." in log and "Gathering all futures" in log, log[-2000:]
     assert "[ERROR]" not in log and "Traceback" not in log
@@ -38,11 +44,14 @@ def test_a_closed_terminal_stops_the_worker_as_ctrl_c(deployment: Deployment) ->
 def test_hangup_while_starting_is_a_quiet_stop(deployment: Deployment) -> None:
     worker = Worker(deployment).launch()
     assert worker.process is not None
-    # Topics created: the key check and loading the app follow, before Faust runs.
-    wait_until(lambda: "created topics" in worker.log() or worker.process.poll() is not None,
-               60, "the worker to begin")
-    worker.process.send_signal(signal.SIGHUP)
-    code = worker.process.wait(120)
+    try:
+        # Topics created: the key check and loading the app follow, before Faust runs.
+        wait_until(lambda: "created topics" in worker.log() or worker.process.poll() is not None,
+                   60, "the worker to begin")
+        worker.process.send_signal(signal.SIGHUP)
+        code = worker.process.wait(120)
+    finally:
+        worker.stop(timeout=10)  # only if it is still running: never left behind
     log = worker.log()
     assert "Traceback" not in log and "[ERROR]" not in log, log
     assert code in (0, 130)
