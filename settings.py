@@ -5,6 +5,7 @@ Read with pydantic-settings; ``phoneverify worker --help`` lists them with their
 
 from __future__ import annotations
 
+import ipaddress
 import secrets
 from functools import cached_property
 from pathlib import Path
@@ -15,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from phoneverify.models.admission import Limits
+from phoneverify.models.fraud import Policy
 from phoneverify.models.locale import match
 from phoneverify.models.phone import NumberPolicy
 from phoneverify.models.templates.catalog import Budget, Catalog, TemplateError, load
@@ -67,6 +69,28 @@ class Settings(BaseSettings):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = Field(
         "at_least_once", description="at_least_once, or exactly_once: each batch's state, "
         "outputs and input offsets in one Kafka transaction (docs/guarantees.md)")
+
+    # ------------------------------------------------------------ the fraud guard (rule 20)
+    fraud_guard: bool = Field(True, description="the SMS pumping guard (off: sends as before)")
+    fraud_answer_seconds: float = Field(
+        60.0, gt=0, description="a delivery unanswered this long is unconverted")
+    fraud_window_seconds: float = Field(
+        3600.0, gt=0, description="judged deliveries counted over this window")
+    fraud_min_conversion: float = Field(
+        0.2, ge=0, le=1, description="a prefix or country converting less is blocked")
+    fraud_prefix_min_sends: int = Field(
+        20, ge=1, description="judged deliveries before a prefix can be blocked")
+    fraud_country_min_sends: int = Field(
+        100, ge=1, description="judged deliveries before a country can be blocked")
+    fraud_block_seconds: float = Field(43200.0, gt=0, description="how long a block lasts")
+    fraud_safe_prefixes: str = Field(
+        "", description="E.164 prefixes never blocked, comma-separated")
+    http_starts_per_ip: int = Field(
+        20, ge=0, description="HTTP starts per client address per window (0: no limit)")
+    http_ip_window_seconds: float = Field(
+        3600.0, gt=0, description="the window of HTTP_STARTS_PER_IP")
+    trusted_proxies: str = Field(
+        "", description="proxies whose X-Forwarded-For is believed: addresses or CIDRs")
 
     # ------------------------------------------------------------ additions
     api_keys: str = Field("", description="more accepted API keys, comma-separated (rotation)")
@@ -170,6 +194,38 @@ class Settings(BaseSettings):
                       max_attempts=self.verification_max_attempts,
                       timeout=self.verification_timeout_seconds,
                       hold=self.early_command_grace_seconds + self.tick_interval_seconds)
+
+    @field_validator("fraud_safe_prefixes")
+    @classmethod
+    def _e164_prefixes(cls, value: str) -> str:
+        for prefix in _items(value):
+            if not (prefix.startswith("+") and prefix[1:].isascii() and prefix[1:].isdigit()):
+                raise ValueError(f"{prefix!r} is not an E.164 prefix (+ and digits)")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for item in _items(value):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is neither an address nor a CIDR") from None
+        return value
+
+    @cached_property
+    def fraud_policy(self) -> Policy:
+        safe = sorted(_items(self.fraud_safe_prefixes))
+        return Policy(answer=self.fraud_answer_seconds, window=self.fraud_window_seconds,
+                      min_conversion=self.fraud_min_conversion,
+                      prefix_min_sends=self.fraud_prefix_min_sends,
+                      country_min_sends=self.fraud_country_min_sends,
+                      block=self.fraud_block_seconds, safe_prefixes=tuple(safe))
+
+    @cached_property
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(item, strict=False)
+                     for item in sorted(_items(self.trusted_proxies)))
 
     def _kept_secret(self, name: str, given: SecretStr | None) -> bytes:
         """The given secret, or one generated with ``secrets`` once and kept in DATA_DIR."""

@@ -1,7 +1,8 @@
 """The wiring contract: topic names, keys, partitions, configurations, and their creation.
 
-Every topic here has ``PARTITIONS`` partitions. All but ``ADMISSION`` are keyed by
-``instance_id``, so one verification lives on one partition number across all of them (the
+Every topic here has ``PARTITIONS`` partitions. All but ``ADMISSION`` (by phone number),
+``GUARD`` and ``FRAUD`` (by prefix, country or client address) are keyed by ``instance_id``,
+so one verification lives on one partition number across all of them (the
 tables' changelogs included): the partition Java's default partitioner gives the key.
 Input topics stamp records with the broker's clock (``LogAppendTime``): the actor's notion of
 time comes from records, not from clients' clocks.
@@ -40,11 +41,19 @@ ADMITTED = "verification.admitted"
 REROUTED = "verification.rerouted"
 # Internal. The webhook stage's results of its tries, keyed by instance id.
 WEBHOOK_TRIES = "verification.webhook-tries"
+# The fraud guard's blocks and unblocks (rule 20), keyed by prefix or country; compacted:
+# the last record of a key is its state, and every worker reads it all at start.
+FRAUD = "verification.fraud"
+# Internal. The fraud guard's input, keyed by prefix, country or client address: deliveries
+# and conclusions (from the actor), judgments (prefix -> country), starts carrying a client
+# address (from intake), ticks.
+GUARD = "verification.guard"
 # The fingerprint of the deployment's CODE_HASH_KEY: every worker must have the same key.
 KEYS = "verification.keys"
 
 ALL = (START, RESPONSE, TERMINATE, TICK, SMS, SMS_STATUS, EVENTS, OUTCOME, DEAD_LETTER,
-       REPLIES, ADMISSION, ADMITTED, REROUTED, WEBHOOK_TRIES)  # and KEYS, one partition
+       REPLIES, ADMISSION, ADMITTED, REROUTED, WEBHOOK_TRIES, FRAUD,
+       GUARD)  # and KEYS, one partition
 
 log = logging.getLogger("phoneverify")
 
@@ -59,6 +68,8 @@ def configs(settings: Settings) -> dict[str, dict[str, str]]:
         TERMINATE: broker_time,
         TICK: broker_time,  # a tick's time is checked against it
         ADMISSION: broker_time,
+        GUARD: broker_time,  # a client address's starts are counted at it
+        FRAUD: {"cleanup.policy": "compact"},
         # Plain codes: kept no longer than needed to deliver them (rule 13).
         SMS: {"retention.ms": str(int(settings.sms_topic_retention_seconds * 1000))},
         EVENTS: forever,  # the audit trail; replay reads it
@@ -92,12 +103,14 @@ class Names:
         self.admitted = prefix + ADMITTED
         self.rerouted = prefix + REROUTED
         self.webhook_tries = prefix + WEBHOOK_TRIES
+        self.fraud = prefix + FRAUD
+        self.guard = prefix + GUARD
 
     def all(self) -> list[str]:
         return [self.prefix + name for name in ALL]
 
 
-TABLES = ("verifications", "numbers", "sms-sent", "webhooks")
+TABLES = ("verifications", "numbers", "sms-sent", "webhooks", "guard")
 
 
 def changelog(settings: Settings, table: str) -> str:

@@ -55,6 +55,7 @@ from phoneverify.agents.records import (
 from phoneverify.agents.sender import sent
 from phoneverify.agents.transactions import EXACTLY_ONCE
 from phoneverify.models.codes import draw_code, hash_code
+from phoneverify.models.fraud import Concluded, Delivered, prefix_of
 from phoneverify.models.messages import (
     Admission,
     DeadLetter,
@@ -420,6 +421,9 @@ class Batch:
                     self.published.append(("latency", event.command, event.at.timestamp()))
             elif isinstance(event, SmsRequested):
                 self.output(partition, SMS_MARK, "", state)
+                self.guard(partition, state, Delivered(
+                    instance_id=state.instance_id, phone_number=state.phone_number or "",
+                    at=event.at))
             elif isinstance(event, Dropped):
                 self.drop(partition, before, event, state)
             elif isinstance(event, TERMINAL):
@@ -437,7 +441,19 @@ class Batch:
                 if state.max_attempts and stored.start:  # admitted: settle its reservation
                     self.settle(partition, state, stored.start, state.phone_number or "",
                                 state.wrong_at)
+                if state.sms != "none":  # its deliveries are judged
+                    self.guard(partition, state, Concluded(
+                        instance_id=state.instance_id, phone_number=state.phone_number or "",
+                        verified=state.status == "verified", at=event.at))
         return state
+
+    def guard(self, partition: int, state: Verification, signal: Delivered | Concluded) -> None:
+        """Tell the fraud guard about a delivery or a conclusion (keyed by the prefix)."""
+        if not settings.fraud_guard or not signal.phone_number:
+            return
+        prefix = prefix_of(signal.phone_number)
+        self.output(partition, names.guard, signal.model_dump_json(), state, key=prefix,
+                    target=partition_for(prefix.encode(), settings.partitions))
 
     def settle(self, partition: int, state: Verification, origin: str, phone: str,
                wrong_codes: tuple[datetime, ...]) -> None:

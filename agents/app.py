@@ -112,6 +112,7 @@ admission_topic = _topic(names.admission)
 # Registers the agents, tables, timer and HTTP views on ``app``.
 import phoneverify.agents.actor  # noqa: E402
 import phoneverify.agents.admission  # noqa: E402
+import phoneverify.agents.fraud  # noqa: E402
 import phoneverify.agents.intake  # noqa: E402
 import phoneverify.agents.sender  # noqa: E402
 import phoneverify.agents.ticker  # noqa: E402

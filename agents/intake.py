@@ -1,10 +1,12 @@
-"""Intake: parse starts, apply the number policy, choose the locale, re-key admissible ones
-by number.
+"""Intake: parse starts, apply the number policy and the fraud guard's blocks, choose the
+locale, re-key admissible ones by number (or, when they carry a client address, by that
+address first).
 
 Stateless, so it does not care which partition a start was written to. An invalid or blocked
-number is refused here: the verdict goes straight to the actor (which answers and publishes
-the outcome, since the instance id is known). An invalid number is a person's typo, not a
-record that cannot be read: it gets its answer and an INFO line, not a dead letter (rule 7).
+number (by the policy, or by a fraud block in force) is refused here: the verdict goes
+straight to the actor (which answers and publishes the outcome, since the instance id is
+known). An invalid number is a person's typo, not a record that cannot be read: it gets its
+answer and an INFO line, not a dead letter (rule 7).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 
 from phoneverify.agents.app import app, names, settings, start_topic
 from phoneverify.agents.batch import Outbox, batches, guarded
+from phoneverify.agents.fraud import ADDRESS, refused
 from phoneverify.agents.records import dead_letter, describe, origin_of, record_time
 from phoneverify.models.locale import choose
 from phoneverify.models.messages import Admission, PhoneStart, StartVerification
@@ -52,6 +55,9 @@ async def take(outbox: Outbox, event: EventT) -> None:
     try:
         phone = admissible(start.phone_number, settings.phone_default_region,
                            settings.number_policy)
+        pumping = refused(phone, at)
+        if pumping is not None:
+            raise BlockedNumber(pumping)
     except (InvalidPhoneNumber, BlockedNumber) as error:
         log.info("start %s refused: %s", start.instance_id, error)  # never the number
         verdict = Admission(
@@ -66,5 +72,10 @@ async def take(outbox: Outbox, event: EventT) -> None:
     locale = choose(settings.templates.locales, settings.locale, start.locale,
                     start.accept_language, region_of(phone))
     forward = PhoneStart(instance_id=start.instance_id, phone_number=phone, requested_at=at,
-                         origin=origin, request_id=start.request_id, locale=locale)
+                         origin=origin, request_id=start.request_id, locale=locale,
+                         client_ip=start.client_ip)
+    if start.client_ip is not None and settings.http_starts_per_ip:
+        # First the limit per client address, in the fraud guard's stage (by address).
+        await outbox.send(names.guard, (ADDRESS + start.client_ip).encode(), forward.to_bytes())
+        return
     await outbox.send(names.admission, phone.encode(), forward.to_bytes())

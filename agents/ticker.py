@@ -1,9 +1,10 @@
 """The ticker: one tick to every partition each TICK_INTERVAL_SECONDS, from the leader only.
 
 Ticks go to the actor (``verification.tick``: deadlines, held commands, retention) and to
-admission (``verification.admission``: numbers whose windows emptied). A tick carries the
-leader's clock. Ticks are idempotent (expiring twice changes nothing), so the double fire
-around a rebalance is harmless.
+admission (``verification.admission``: numbers whose windows emptied) and to the fraud guard
+(``verification.guard``: deliveries unanswered, blocks that end, windows that empty). A
+tick carries the leader's clock. Ticks are idempotent (expiring twice changes nothing), so the
+double fire around a rebalance is harmless.
 """
 
 from __future__ import annotations
@@ -23,4 +24,5 @@ async def ticker() -> None:
         tick = Tick(partition=partition, now=now).to_bytes()
         await outbox.send(names.tick, b"tick", tick, partition=partition)
         await outbox.send(names.admission, b"tick", tick, partition=partition)
+        await outbox.send(names.guard, b"tick", tick, partition=partition)
     await outbox.flush()

@@ -74,6 +74,38 @@ class FraudBlock(Message):
         return self.blocked and self.blocked_until is not None and self.blocked_until > now
 
 
+# The guard's input records on ``verification.guard`` (internal), besides ticks and starts
+# that carry a client address (``PhoneStart``, keyed ``ip:<address>``).
+
+
+class Delivered(Message):
+    """A delivery to ``phone_number`` (from the actor), keyed by its prefix."""
+
+    type: Literal["delivered"] = "delivered"
+    instance_id: str
+    phone_number: str
+    at: UtcTime
+
+
+class Concluded(Message):
+    """The verification concluded (from the actor), keyed by its number's prefix."""
+
+    type: Literal["concluded"] = "concluded"
+    instance_id: str
+    phone_number: str
+    verified: bool
+    at: UtcTime
+
+
+class Judged(Message):
+    """Judgments of one prefix's deliveries, for its country (keyed by the country)."""
+
+    type: Literal["judged"] = "judged"
+    judged: Annotated[int, Field(ge=0)]
+    converted: Annotated[int, Field(ge=0)]
+    at: UtcTime
+
+
 # ---------------------------------------------------------------- keys
 
 

@@ -97,6 +97,16 @@ class Message(BaseModel):
         return cls.model_validate_json(raw)
 
 
+def _client_ip(value: str) -> str:
+    from phoneverify.models.fraud import client_address
+
+    return client_address(value)
+
+
+#: A client's IPv4 or IPv6 address, in its canonical form (rule 20).
+ClientIp = Annotated[str, AfterValidator(_client_ip)]
+
+
 class StartVerification(Message):
     instance_id: InstanceId
     phone_number: Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -106,10 +116,13 @@ class StartVerification(Message):
     #: The HTTP start's ``Accept-Language`` header (an addition: the next choice after
     #: ``locale``).
     accept_language: LocaleTag = None
+    #: The address of the person's client: starts per address are limited (rule 20).
+    client_ip: ClientIp | None = None
 
     def to_bytes(self) -> bytes:
-        """As JSON; ``locale`` and ``accept_language`` only when given."""
-        unset = {name for name in ("locale", "accept_language") if getattr(self, name) is None}
+        """As JSON; ``locale``, ``accept_language`` and ``client_ip`` only when given."""
+        unset = {name for name in ("locale", "accept_language", "client_ip")
+                 if getattr(self, name) is None}
         return self.model_dump_json(exclude=unset).encode()
 
 
@@ -247,6 +260,7 @@ class PhoneStart(Message):
     request_id: RequestId | None = None
     #: The locale chosen for it at intake (rule 18).
     locale: str | None = None
+    client_ip: str | None = None
 
 
 class Settle(Message):

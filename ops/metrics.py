@@ -58,6 +58,30 @@ webhook_pending = Gauge("phoneverify_webhook_pending", "Webhook deliveries (outc
                         "not done yet, on this worker's partitions.", registry=REGISTRY)
 dead_letters = Counter("phoneverify_dead_letters", "Records sent to the dead-letter topic.",
                        ["topic"], registry=REGISTRY)
+fraud_blocks = Counter("phoneverify_fraud_blocks", "Blocks the fraud guard made or an operator "
+                       "set, by level (prefix, country).", ["level"], registry=REGISTRY)
+for _level in ("prefix", "country"):
+    fraud_blocks.labels(_level)
+
+
+class FraudBlocked(Collector):
+    """Blocks in force now, by level (every worker reads them all: take the max, not the sum)."""
+
+    def __init__(self, levels: Callable[[], list[str]]) -> None:
+        self.levels = levels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("phoneverify_fraud_blocked",
+                                   "Prefixes and countries blocked now (the fraud guard), by "
+                                   "level.", labels=["level"])
+        levels = self.levels()
+        for level in ("prefix", "country"):
+            family.add_metric([level], levels.count(level))
+        yield family
+
+
+def watch_fraud_blocks(levels: Callable[[], list[str]]) -> None:
+    REGISTRY.register(FraudBlocked(levels))
 
 
 class Lag(Collector):

@@ -66,6 +66,9 @@ class Deployment:
             "API_KEY": "test-api-key",
             "PARTITIONS": "4",
             "TICK_INTERVAL_SECONDS": "0.2",
+            # Every HTTP test comes from 127.0.0.1: the limit per client address stays on
+            # (its stage is in every start's path) but far away; test_fraud_http tests it.
+            "HTTP_STARTS_PER_IP": "100000",
         }
         return {**os.environ, **base, **self.settings, **extra}
 

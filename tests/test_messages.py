@@ -80,6 +80,17 @@ def test_start_tolerates_extra_fields():
                                                    "phone_number": "+14255550100"}
 
 
+def test_a_start_may_name_its_clients_address_a_malformed_one_is_refused():
+    start = StartVerification.from_bytes(
+        raw(instance_id="abc", phone_number="+14255550100", client_ip="2001:DB8::1"))
+    assert start.client_ip == "2001:db8::1"
+    for bad in ("", "1.2.3", "203.0.113.9, 10.0.0.1", 7):
+        with pytest.raises(ValidationError) as error:
+            StartVerification.from_bytes(
+                raw(instance_id="abc", phone_number="+14255550100", client_ip=bad))
+        assert [item["loc"] for item in error.value.errors()] == [("client_ip",)]
+
+
 @pytest.mark.parametrize("value", [b"", b"not json", b"[]", b'"+14255550100"', b"{}",
                                    raw(instance_id="abc"), raw(instance_id="abc", phone_number=1)])
 def test_start_rejects_malformed_values(value):
