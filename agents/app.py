@@ -117,4 +117,5 @@ import phoneverify.agents.intake  # noqa: E402
 import phoneverify.agents.sender  # noqa: E402
 import phoneverify.agents.ticker  # noqa: E402
 import phoneverify.agents.webhooks  # noqa: E402
+import phoneverify.interfaces.fraud  # noqa: E402
 import phoneverify.interfaces.http  # noqa: E402,F401

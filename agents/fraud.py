@@ -164,12 +164,12 @@ class Batch:
                 raise ValueError("record key must be the number's prefix")
             watch = self.watch(key, partition)
             if isinstance(request, Delivered):
-                watch, judgment = fraud.deliver(watch, request.instance_id, request.at,
-                                                fraud.country_of(request.phone_number), policy)
+                watch = fraud.deliver(watch, request.instance_id, request.at,
+                                      fraud.country_of(request.phone_number))
             else:
                 watch, judgment = fraud.conclude(watch, request.instance_id, request.verified,
                                                  request.at, policy)
-            self.judged(watch, judgment, request.at)
+                self.judged(watch, judgment, request.at)
             await self.judge(key, partition, "prefix", watch, request.at)
 
     def watch(self, key: str, partition: int) -> Watch:

@@ -115,7 +115,8 @@ class Deployment:
 class Worker:
     """A worker process for a deployment, logging to a file; :meth:`stop` always works."""
 
-    def __init__(self, deployment: Deployment, tmp: Path, profile: Path | None = None) -> None:
+    def __init__(self, deployment: Deployment, tmp: Path, profile: Path | None = None,
+                 **extra: str) -> None:
         self.log_path = tmp / "worker.log"
         self.env = {
             **os.environ,
@@ -132,6 +133,7 @@ class Worker:
             "SMS_BACKEND": "console",
             "TICK_INTERVAL_SECONDS": "1",
             "LOG_LEVEL": "INFO",
+            **extra,
         }
         profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
         self.cmd = [sys.executable, *profiler, "-m", "phoneverify.agents.worker"]
@@ -877,6 +879,59 @@ def profile_report(args: argparse.Namespace, d: Deployment, results: Results) ->
     return "\n".join([*lines, RULE])
 
 
+def guard_cost(args: argparse.Namespace) -> dict[bool, Throughput]:
+    """Phase 5: the fraud guard's cost. The throughput phase again, ``--guard-n`` verifications
+    (in many prefixes, all answered) on a fresh worker and deployment with FRAUD_GUARD off,
+    then on: the ratio of the two is the guard's cost (absolute figures move with the load)."""
+    count = args.guard_n if args.guard_n is not None else max(100, args.n // 2)
+    results: dict[bool, Throughput] = {}
+    for guard in (False, True):
+        d = Deployment(args.bootstrap, args.partitions)
+        with tempfile.TemporaryDirectory(prefix="phoneverify-bench-") as tmp:
+            worker = Worker(d, Path(tmp), FRAUD_GUARD="on" if guard else "off")
+            say(f"5. fraud guard {'on' if guard else 'off'}: {count} verifications")
+            try:
+                worker.start()
+                results[guard] = asyncio.run(_guarded_throughput(d, worker, args.warmup, count))
+            except BaseException:
+                say("failed; worker log tail:\n" + worker.log()[-3000:])
+                raise
+            finally:
+                worker.stop()
+                if not args.keep_topics:
+                    cleanup(d)
+    return results
+
+
+async def _guarded_throughput(d: Deployment, worker: Worker, warmup: int,
+                              count: int) -> Throughput:
+    async with Client(d) as client:
+        await client.drive(warmup, rate=None, timeout=120)
+        return await throughput(client, worker, count, 0)
+
+
+def guard_rows(results: dict[bool, Throughput]) -> list[str]:
+    off, on = results[False], results[True]
+
+    def cpu(tp: Throughput) -> float:
+        return tp.worker_cpu / tp.count * 1000
+
+    def records(tp: Throughput) -> float:
+        return sum(tp.records.values()) / tp.count
+
+    return [
+        LINE,
+        "5. the fraud guard's cost (phase 1 again on fresh workers: FRAUD_GUARD off, then on)",
+        row("verifications / s, off -> on", f"{off.per_second:,.0f} -> {on.per_second:,.0f} "
+                                            f"({on.per_second / off.per_second:.2f}x)"),
+        row("worker CPU per verification, off -> on",
+            f"{cpu(off):.2f} -> {cpu(on):.2f} ms ({cpu(on) / cpu(off):.2f}x)"),
+        row("records per verification, off -> on",
+            f"{records(off):.1f} -> {records(on):.1f} (verification.guard: "
+            f"{on.records.get('verification.guard', 0) / on.count:.1f})"),
+    ]
+
+
 def rates(text: str) -> list[float]:
     return [float(rate) for rate in text.split(",")]
 
@@ -914,6 +969,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--before-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for the before worker (repeatable)")
     parser.add_argument("--keep-topics", action="store_true", help="leave the topics on the broker")
+    parser.add_argument("--guard-n", type=int, default=None,
+                        help="verifications for the fraud guard's cost, off then on (default "
+                             "half of --n; 0: skip)")
     return parser.parse_args(argv)
 
 
@@ -941,7 +999,10 @@ def main(argv: list[str] | None = None) -> int:
     if results.throughput is None:
         print(profile_report(args, d, results))
         return 0
+    guard = guard_cost(args) if args.guard_n != 0 else None
     print(report(args, d, results))
+    if guard is not None:
+        print("\n".join([*guard_rows(guard), RULE]))
     print(topic_breakdown(results.throughput))
     return 0
 

@@ -135,6 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("document", choices=("openapi", "asyncapi"))
     schema.add_argument("--output", metavar="FILE", help="write it there (default: stdout)")
 
+    fraud = command("fraud", "list, set or lift the fraud guard's blocks (SMS pumping)", [kafka],
+                    "phoneverify fraud block +44740012 --for 12h")
+    action = fraud.add_subparsers(dest="action", required=True, metavar="ACTION")
+    action.add_parser("list", parents=[kafka], help="the blocks in force",
+                      description="The blocks in force (prefixes and countries), from "
+                                  "verification.fraud.")
+    key_help = "an E.164 prefix (+44740012: the numbers starting so) or an ISO region (GB)"
+    block = action.add_parser("block", parents=[kafka], help="block a prefix or a country",
+                              description="Refuse starts to KEY on every worker for a while.")
+    block.add_argument("key", metavar="KEY", help=key_help)
+    block.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                       help="how long: seconds, or 90s, 30m, 12h, 7d")
+    unblock = action.add_parser("unblock", parents=[kafka], help="lift a block",
+                                description="Lift the block of KEY (by the guard or an "
+                                            "operator); its judged deliveries are forgotten.")
+    unblock.add_argument("key", metavar="KEY", help=key_help)
+
     sub.add_parser("replay", add_help=False,
                    help="rebuild state from verification.events and compare "
                         "(phoneverify replay --help)")
@@ -482,7 +499,58 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value), flush=True)
 
 
+async def cmd_fraud(args: argparse.Namespace) -> int:
+    from phoneverify.interfaces.client import NotBlocked
+    from phoneverify.models.fraud import parse_duration
+
+    async def run() -> int:
+        async with _client(args) as client:
+            if args.action == "list":
+                blocks = await client.fraud_blocks()
+                if args.json:
+                    _print_json([_block_json(b) for b in blocks])
+                elif not blocks:
+                    print("No blocks in force.")
+                for block in blocks if not args.json else []:
+                    figures = f", {block.converted} of {block.judged} converted" \
+                        if block.by == "guard" else ""
+                    print(f"{block.level:<8} {block.key:<12} until {_time(block.blocked_until)}"
+                          f"  (by {block.by}{figures})")
+                return OK
+            if args.action == "block":
+                try:
+                    seconds = parse_duration(args.duration)
+                except ValueError as error:
+                    raise Failure(f"--for: {error}", USAGE) from None
+                record = await client.block(args.key, seconds)
+                _say_json(args, _block_json(record),
+                          f"Blocked {record.level} {record.key} until "
+                          f"{_time(record.blocked_until)}: starts to it are refused.")
+                return OK
+            try:
+                record = await client.unblock(args.key)
+            except NotBlocked as error:
+                raise Failure(str(error), REFUSED) from None
+            _say_json(args, _block_json(record), f"Unblocked {record.level} {record.key}.")
+            return OK
+
+    return await _kafka(run, args.json)
+
+
+def _block_json(block: Any) -> dict[str, Any]:
+    return block.model_dump(mode="json", include={"level", "key", "blocked", "blocked_until",
+                                                  "by", "judged", "converted", "at"})
+
+
+def _say_json(args: argparse.Namespace, value: Any, message: str) -> None:
+    if args.json:
+        _print_json(value)
+    else:
+        print(message)
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
+    "fraud": cmd_fraud,
     "start": cmd_start,
     "respond": cmd_respond,
     "terminate": cmd_terminate,

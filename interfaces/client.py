@@ -31,13 +31,15 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from pydantic import ValidationError
 
-from phoneverify.models import phone
+from phoneverify.models import fraud, phone
+from phoneverify.models.fraud import FraudBlock
 from phoneverify.models.messages import (
     INSTANCE_ID,
     Message,
@@ -94,6 +96,10 @@ class BlockedNumber(Refused):
 
 class UnknownVerification(Refused):
     """No verification with this id started (in time): nothing changed."""
+
+
+class NotBlocked(VerificationError, LookupError):
+    """No fraud block is in force for this key: nothing was unblocked."""
 
 
 class ReplyTimeout(VerificationError, TimeoutError):
@@ -178,7 +184,8 @@ def explain_refusal(reply: Reply) -> str:
             return f"the id {iid} is already in use (status {reply.status}); no SMS was sent"
         case "rate_limited":
             wait = "" if reply.retry_after is None else f"; retry in {reply.retry_after:.0f} s"
-            return f"too many verifications for this number lately{wait}; no SMS was sent"
+            why = reply.detail or "too many verifications for this number lately"
+            return f"{why}{wait}; no SMS was sent"
         case "invalid_phone_number":
             return f"{reply.detail or 'not a valid phone number'}; no SMS was sent"
         case "blocked_number":
@@ -243,7 +250,7 @@ class VerificationClient:
 
     async def start(self, phone_number: str, instance_id: str | None = None, *,
                     locale: str | None = None, accept_language: str | None = None,
-                    timeout: float | None = None) -> Reply:
+                    timeout: float | None = None, client_ip: str | None = None) -> Reply:
         """Start a verification of ``phone_number``; returns once it is started.
 
         The reply has the ``instance_id`` (a new UUID4 hex if none is given), the
@@ -253,10 +260,12 @@ class VerificationClient:
         language, else ``accept_language`` (an ``Accept-Language`` header), else the number's
         country, else ``DEFAULT_LOCALE``; an unknown one falls back, it is no error. Raises
         :class:`InstanceIdInUse`, :class:`RateLimited`, :class:`InvalidPhoneNumber` or
-        :class:`BlockedNumber` when it is refused: then no SMS was sent.
+        :class:`BlockedNumber` when it is refused: then no SMS was sent. ``client_ip``, the
+        address of the person's client, puts the start under the per-address limit
+        (``HTTP_STARTS_PER_IP``).
         """
         message = self._start_message(phone_number, instance_id, locale=locale,
-                                      accept_language=accept_language)
+                                      accept_language=accept_language, client_ip=client_ip)
         return await self._ask(self.names.start, message, timeout)
 
     async def submit_code(self, instance_id: str, code: str, *,
@@ -294,11 +303,61 @@ class VerificationClient:
         """Send a terminate without waiting for its answer."""
         await self._send(self.names.terminate, self._terminate_message(instance_id, reason))
 
+    # ------------------------------------------------------------ fraud blocks (rule 20)
+
+    async def fraud_blocks(self) -> list[FraudBlock]:
+        """The fraud blocks in force now: the last record of each key of
+        ``verification.fraud``, read to its end."""
+        from phoneverify.ops.replay import records
+
+        producer = await self._ready_producer()
+        partitions = await self._check_topic(producer, self.names.fraud)
+        last: dict[str, FraudBlock] = {}
+        async for record in records(self.bootstrap_servers, self.names.fraud, len(partitions)):
+            try:
+                block = FraudBlock.from_bytes(record.value)
+            except (ValidationError, ValueError):
+                continue
+            last[block.key] = block
+        now = datetime.now(UTC)
+        return sorted((b for b in last.values() if b.in_force(now)),
+                      key=lambda b: (b.level, b.key))
+
+    async def block(self, key: str, seconds: float) -> FraudBlock:
+        """Block a prefix (``+44740012``) or a country (``GB``) for ``seconds``, as an
+        operator: starts to it are refused ``blocked_number`` on every worker."""
+        try:
+            record = fraud.operator_block(key, seconds, datetime.now(UTC),
+                                          self.settings.fraud_policy)
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
+        await self._publish_block(record)
+        return record
+
+    async def unblock(self, key: str) -> FraudBlock:
+        """Lift the block in force for ``key`` (:class:`NotBlocked` when there is none)."""
+        try:
+            record = fraud.operator_unblock(key, datetime.now(UTC))
+        except ValueError as error:
+            raise InvalidInput(str(error)) from None
+        if record.key not in {block.key for block in await self.fraud_blocks()}:
+            raise NotBlocked(f"no fraud block is in force for {record.key}; nothing changed")
+        await self._publish_block(record)
+        return record
+
+    async def _publish_block(self, record: FraudBlock) -> None:
+        producer = await self._ready_producer()
+        partitions = await self._check_topic(producer, self.names.fraud)
+        key = record.key.encode()
+        await producer.send_and_wait(self.names.fraud, record.to_bytes(), key=key,
+                                     partition=partition_for(key, len(partitions)))
+
     # ------------------------------------------------------------ messages
 
     def _start_message(self, phone_number: str, instance_id: str | None,
                        request_id: str | None = None, *, locale: str | None = None,
-                       accept_language: str | None = None) -> StartVerification:
+                       accept_language: str | None = None, client_ip: str | None = None
+                       ) -> StartVerification:
         iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
         if not isinstance(phone_number, str):
             raise InvalidInput("phone_number must be a string")
@@ -307,7 +366,7 @@ class VerificationClient:
         except phone.InvalidPhoneNumber as error:
             raise InvalidInput(f"phone_number: {error}") from None
         return _validated(StartVerification, instance_id=iid, phone_number=e164, locale=locale,
-                          accept_language=accept_language)
+                          accept_language=accept_language, client_ip=client_ip)
 
     def _code_message(self, instance_id: str, code: str) -> SubmitCode:
         check_instance_id(instance_id)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hmac
 import importlib.metadata
+import ipaddress
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ from phoneverify.interfaces.client import (
     VerificationClient,
     explain_refusal,
 )
+from phoneverify.models import fraud
 from phoneverify.models.messages import INSTANCE_ID, Reply, SmsFailed, SmsSent, explain, iso
 from phoneverify.models.phone import mask
 from phoneverify.models.verification import Verification
@@ -162,9 +164,10 @@ class Start(ApiView):
                  429: {"Retry-After": "seconds until a start may be admitted"}})
     async def post(self, request: web.Request) -> web.Response:
         start = _start_request(await _json_body(request))
+        address = client_ip(request)
         reply = await _ask(lambda c: c.start(
             start.phone_number, start.instance_id or uuid.uuid4().hex, locale=start.locale,
-            accept_language=request.headers.get("Accept-Language")))
+            accept_language=request.headers.get("Accept-Language"), client_ip=address))
         uris = _uris(request, reply.instance_id, seed=self.seed)
         answer = Started(**uris.dump(), locale=reply.locale)  # rule 18: the locale used
         return self.json(answer.dump(), status=202, headers={"Location": uris.statusQueryGetUri})
@@ -198,6 +201,24 @@ def _parse(model: type[Body], body: Any) -> Any:
         fields = {str(item["loc"][0]) for item in error.errors() if item["loc"]}
         hints = [f"{name}: {HINTS[name]}" for name in sorted(fields & HINTS.keys())]
         raise HttpError(400, "; ".join(hints) or explain(error)) from None
+
+
+def client_ip(request: web.Request) -> str | None:
+    """The address a start counts against: the peer's, or, when the peer is one of
+    ``TRUSTED_PROXIES``, the last ``X-Forwarded-For`` entry (the one that proxy added)."""
+    try:
+        peer = ipaddress.ip_address(request.remote or "")
+    except ValueError:
+        return None  # not an IP connection (a Unix socket): nothing to count by
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    if any(peer in network for network in settings.trusted_networks):
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
+        try:
+            return fraud.client_address(forwarded.rsplit(",", 1)[-1].strip())
+        except ValueError:
+            pass  # the proxy sent none (or nonsense): count it against the proxy itself
+    return str(peer)
 
 
 def _origin(request: web.Request) -> URL:

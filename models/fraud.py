@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from phoneverify.models.messages import Message, UtcTime
 
 Level = Literal["prefix", "country"]
-#: Most deliveries a prefix's watch keeps waiting for their answer: past it the oldest is
-#: judged unconverted at once (a thousand unanswered deliveries within the answer window of
-#: one block of 10,000 numbers is pumping, and it keeps the state within one Kafka record).
+#: Most deliveries a prefix's watch keeps waiting for their answer; more are not followed (the
+#: state stays well within one Kafka record). The first thousand are judged all the same: a
+#: pumping run into one prefix is blocked once they are, a burst of answered ones converts.
 MAX_PENDING = 1000
 _PREFIX = re.compile(r"^\+[0-9]{1,14}$")
 _COUNTRY = re.compile(r"^[A-Za-z]{2}$")
@@ -171,6 +171,48 @@ def refusal(block: FraudBlock, at: datetime) -> str:
     return f"suspected SMS pumping to {to}, blocked{by} until {when}"
 
 
+# ---------------------------------------------------------------- operators
+
+#: The longest block an operator may set (a year): longer is more likely a typo.
+MAX_BLOCK_SECONDS = 366 * 86400.0
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``3600``, ``90s``, ``30m``, ``12h``, ``7d`` -> seconds; ValueError saying what is wrong."""
+    match = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"{str(text)[:40]!r} is not a duration: use seconds (3600) or a "
+                         "number with s, m, h or d (90s, 30m, 12h, 7d)")
+    return check_seconds(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def check_seconds(seconds: object) -> float:
+    """A block's length: more than 0 and at most a year."""
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) \
+            or not math.isfinite(seconds) or not 0 < seconds <= MAX_BLOCK_SECONDS:
+        raise ValueError("seconds must be a number more than 0 and at most "
+                         f"{MAX_BLOCK_SECONDS:.0f} (a year)")
+    return float(seconds)
+
+
+def operator_block(text: str, seconds: object, now: datetime, policy: Policy) -> FraudBlock:
+    """An operator's block of ``text`` (a prefix or a region) for ``seconds`` from ``now``;
+    ValueError (nothing blocked) for a malformed key or length, or a safe prefix."""
+    level, key = parse_key(text)
+    length = check_seconds(seconds)
+    if level == "prefix" and is_safe(key, policy):
+        raise ValueError(f"{key} is under FRAUD_SAFE_PREFIXES: it is never blocked")
+    return FraudBlock(level=level, key=key, blocked=True,
+                      blocked_until=now + timedelta(seconds=length), at=now, by="operator")
+
+
+def operator_unblock(text: str, now: datetime) -> FraudBlock:
+    level, key = parse_key(text)
+    return FraudBlock(level=level, key=key, blocked=False, at=now, by="operator")
+
+
 # ---------------------------------------------------------------- one watch
 
 
@@ -211,31 +253,22 @@ class Watch(_Frozen):
         return not (self.pending or self.judged or self.block)
 
 
-def deliver(watch: Watch, instance_id: str, at: datetime, country: str | None,
-            policy: Policy) -> tuple[Watch, Judgment]:
-    """A delivery to a number of this prefix; returns the judgment of deliveries pushed out
-    past :data:`MAX_PENDING` (unconverted)."""
+def deliver(watch: Watch, instance_id: str, at: datetime, country: str | None) -> Watch:
+    """A delivery to a number of this prefix, waiting for its answer (past
+    :data:`MAX_PENDING` waiting, it is not followed)."""
     pending = list(watch.pending)
     for n, delivery in enumerate(pending):
         if delivery.instance_id == instance_id:
             if at in delivery.at:
-                return watch, Judgment()  # the same delivery reported again
+                return watch  # the same delivery reported again
             pending[n] = Delivery(instance_id=instance_id, at=(*delivery.at, at))
             break
     else:
         pending.append(Delivery(instance_id=instance_id, at=(at,)))
-    pushed = 0
-    while sum(len(d.at) for d in pending) > MAX_PENDING:
-        oldest = pending[0]
-        pushed += 1
-        if len(oldest.at) > 1:
-            pending[0] = Delivery(instance_id=oldest.instance_id, at=oldest.at[1:])
-        else:
-            pending.pop(0)
-    judgment = Judgment(pushed, 0)
-    after = watch.model_copy(update={"pending": tuple(pending),
-                                     "country": watch.country or country})
-    return count(after, judgment, at, policy), judgment
+    if sum(len(d.at) for d in pending) > MAX_PENDING:
+        return watch
+    return watch.model_copy(update={"pending": tuple(pending),
+                                    "country": watch.country or country})
 
 
 def conclude(watch: Watch, instance_id: str, verified: bool, at: datetime,

@@ -28,6 +28,9 @@ from phoneverify.models.fraud import (
     judge,
     lift,
     next_due,
+    operator_block,
+    operator_unblock,
+    parse_duration,
     parse_key,
     prefix_of,
     prune,
@@ -51,7 +54,7 @@ def delivered(n: int, watch: Watch | None = None, every: float = 0.5,
     """Given ``n`` deliveries to the prefix, ``every`` seconds apart."""
     watch = watch or Watch()
     for i in range(first, first + n):
-        watch, _ = deliver(watch, f"v{i}", at(i * every), "GB", POLICY)
+        watch = deliver(watch, f"v{i}", at(i * every), "GB")
     return watch
 
 
@@ -103,19 +106,18 @@ def test_given_deliveries_when_the_answer_window_passes_then_they_are_judged_unc
 
 def test_a_delivery_reported_twice_counts_once_and_a_resend_counts_again():
     watch = delivered(1)
-    again, _ = deliver(watch, "v0", at(0), "GB", POLICY)
-    assert again == watch
-    resent, _ = deliver(watch, "v0", at(30), "GB", POLICY)
+    assert deliver(watch, "v0", at(0), "GB") == watch
+    resent = deliver(watch, "v0", at(30), "GB")
     _, judgment = conclude(resent, "v0", True, at(40), POLICY)
     assert judgment == Judgment(2, 2)
 
 
-def test_pending_deliveries_are_bounded_the_oldest_judged_unconverted():
+def test_pending_deliveries_are_bounded_the_first_ones_are_judged():
     watch = delivered(MAX_PENDING, every=0.01)
-    watch, judgment = deliver(watch, "one-more", at(20), "GB", POLICY)
-    assert judgment == Judgment(1, 0)
-    assert len(watch.pending) == MAX_PENDING
-    assert watch.pending[0].instance_id == "v1"
+    assert deliver(watch, "one-more", at(20), "GB") == watch  # not followed
+    watch, judgment = expire(watch, at(20 + POLICY.answer), POLICY)
+    assert judgment == Judgment(MAX_PENDING, 0)
+    assert judge(watch, "prefix", PREFIX, at(100), POLICY)[1] is not None
 
 
 # ---------------------------------------------------------------- blocking
@@ -223,6 +225,33 @@ def test_a_country_block_refuses_every_number_of_the_country():
     assert blocking("+14255550100", {"GB": block}, at(10), POLICY) is None
     assert refusal(block, at(10)) == ("suspected SMS pumping to numbers in GB, blocked by an "
                                       "operator until 2026-12-07 01:00 UTC")
+
+
+# ---------------------------------------------------------------- operators
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("3600", 3600), ("90s", 90), ("30m", 1800),
+                                               ("12h", 43200), ("7d", 604800), ("1.5h", 5400)])
+def test_durations_an_operator_types(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "0", "-5m", "12x", "h", "1e9", "400d", "nan"])
+def test_a_malformed_duration_is_refused_with_its_reason(text):
+    with pytest.raises(ValueError, match=r"duration|seconds must be"):
+        parse_duration(text)
+
+
+def test_an_operator_block_and_what_it_refuses():
+    block = operator_block("gb", 3600, at(0), POLICY)
+    assert (block.level, block.key, block.by, block.blocked_until) == (
+        "country", "GB", "operator", at(3600))
+    assert operator_unblock("+44740012", at(5)).blocked is False
+    safe = POLICY.model_copy(update={"safe_prefixes": ("+4474",)})
+    for key, seconds in (("+4474001", 60), ("GB", 0), ("GB", True), ("GB", float("inf")),
+                         ("nowhere", 60)):
+        with pytest.raises(ValueError, match=r"never blocked|seconds must|neither"):
+            operator_block(key, seconds, at(0), safe)
 
 
 # ---------------------------------------------------------------- per client address
