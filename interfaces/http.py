@@ -44,6 +44,7 @@ from yarl import URL
 
 from phoneverify.agents.actor import Stored, current, verifications
 from phoneverify.agents.app import app, names, settings
+from phoneverify.agents.fraud import blocks as fraud_blocks
 from phoneverify.delivery.twilio_sender import RECEIPTS
 from phoneverify.interfaces import openapi
 from phoneverify.interfaces.bodies import (
@@ -519,6 +520,8 @@ def not_ready() -> str:
         return "partitions are being assigned"
     if getattr(app, "in_recovery", False) or not app.tables.recovery.completed.is_set():
         return "tables are being recovered from their changelogs"
+    if settings.fraud_guard and not fraud_blocks.loaded.is_set():
+        return "the fraud guard's blocks are being read (verification.fraud)"
     return ""
 
 
