@@ -152,7 +152,9 @@ def blocking(e164: str, blocks: Mapping[str, FraudBlock], at: datetime,
     """The block in force at ``at`` that refuses a delivery to ``e164``, if any."""
     if is_safe(e164, policy):
         return None
-    for key in (prefix_of(e164), country_of(e164)):
+    # The guard blocks 4-digits-short prefixes; an operator may block any prefix (+33612).
+    keys = [e164[:n] for n in range(2, len(e164) + 1)]
+    for key in (*keys, country_of(e164)):
         block = blocks.get(key) if key else None
         if block is not None and block.in_force(at):
             return block

@@ -213,6 +213,9 @@ def test_a_block_in_force_refuses_its_numbers_with_a_detail_a_person_understands
     assert refusal(block, at(10)) == ("suspected SMS pumping to +44740012…, blocked until "
                                       "03:13 UTC")
     assert blocking("+447400133456", blocks, at(10), POLICY) is None  # another prefix
+    shorter = block.model_copy(update={"key": "+447"})  # an operator's, of any length
+    assert blocking("+447400133456", {"+447": shorter}, at(10), POLICY) == shorter
+    assert blocking("+14255550100", {"+447": shorter}, at(10), POLICY) is None
     assert blocking("+447400123456", blocks, at(8000), POLICY) is None  # it ended
     safe = POLICY.model_copy(update={"safe_prefixes": ("+4474001234",)})
     assert blocking("+447400123456", blocks, at(10), safe) is None
