@@ -117,5 +117,4 @@ import phoneverify.agents.intake  # noqa: E402
 import phoneverify.agents.sender  # noqa: E402
 import phoneverify.agents.ticker  # noqa: E402
 import phoneverify.agents.webhooks  # noqa: E402
-import phoneverify.interfaces.fraud  # noqa: E402
 import phoneverify.interfaces.http  # noqa: E402,F401

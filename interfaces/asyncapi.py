@@ -22,6 +22,7 @@ from pydantic import TypeAdapter
 from pydantic.json_schema import JsonSchemaMode
 
 from phoneverify import topics
+from phoneverify.models import fraud
 from phoneverify.models import messages as m
 from phoneverify.models.verification import Event
 from phoneverify.settings import Settings
@@ -34,6 +35,8 @@ INSTANCE_KEY = {"type": "string", "pattern": f"^{m.INSTANCE_ID.pattern}$",
 PHONE_KEY = {"type": "string", "pattern": r"^\+[0-9]{2,15}$",
              "description": "the E.164 phone number (UTF-8), or `tick` for a tick"}
 TICK_KEY = {"type": "string", "const": "tick"}
+FRAUD_KEY = {"type": "string", "pattern": r"^(\+[0-9]{1,14}|[A-Z]{2})$",
+             "description": "the block's key: an E.164 prefix or an ISO region code"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,18 @@ CATALOGUE: dict[str, Topic] = {
     topics.WEBHOOK_TRIES: Topic("Internal: the result of each try to POST an outcome to a "
                                 "webhook URL.", {"WebhookTried": m.WebhookTried}, INSTANCE_KEY,
                                 (SERVICE,), (SERVICE,), internal=True),
+    topics.FRAUD: Topic("The fraud guard's blocks and unblocks of a prefix or a country (rule "
+                        "20), by the guard or an operator; compacted: the last record of a key "
+                        "is its state.", {"FraudBlock": fraud.FraudBlock}, FRAUD_KEY,
+                        (SERVICE, CLIENTS), (SERVICE, CLIENTS)),
+    topics.GUARD: Topic("Internal: the fraud guard's input: deliveries and conclusions (by "
+                        "prefix), judgments (by country), starts that name their client's "
+                        "address (by `ip:<address>`), ticks.",
+                        {"Delivered": fraud.Delivered, "Concluded": fraud.Concluded,
+                         "Judged": fraud.Judged, "PhoneStart": m.PhoneStart, "Tick": m.Tick},
+                        {"type": "string", "description": "an E.164 prefix, an ISO region, "
+                                                          "`ip:` and an address, or `tick`"},
+                        (SERVICE,), (SERVICE,), internal=True),
     topics.KEYS: Topic("Internal (one partition): the fingerprint of CODE_HASH_KEY, so workers "
                        "with another key refuse to start.",
                        {"KeyFingerprint": str}, {"type": "string", "const": "code_hash_key"},

@@ -16,13 +16,40 @@ from typing import Any
 
 from aiohttp import web as aioweb
 from faust import web
+from pydantic import BaseModel, Field
 
 from phoneverify.agents.app import app, names, settings
 from phoneverify.agents.fraud import blocks
+from phoneverify.interfaces import openapi
+from phoneverify.interfaces.bodies import ApiError
 from phoneverify.interfaces.http import ApiView, HttpError, _json_body
 from phoneverify.models import fraud
 from phoneverify.models.fraud import FraudBlock
 from phoneverify.topics import partition_for
+
+
+class BlockRequest(BaseModel):
+    """An operator's block."""
+
+    key: str = Field(description="an E.164 prefix (+44740012: the numbers starting so) or an "
+                                 "ISO region code (GB)", examples=["+44740012"])
+    seconds: float = Field(gt=0, description="how long, at most a year", examples=[3600])
+
+
+class BlockDocument(BaseModel):
+    """A block in force."""
+
+    level: str = Field(description="prefix or country")
+    key: str
+    blocked_until: str = Field(description="ISO-8601 UTC")
+    by: str = Field(description="guard or operator")
+    judged: int = Field(description="judged deliveries in the window when it was made")
+    converted: int = Field(description="of which converted")
+    at: str = Field(description="when it was made, ISO-8601 UTC")
+
+
+KEY_PATH = {"key": {"type": "string", "description": "an E.164 prefix (+ as %2B) or an ISO "
+                                                     "region code", "examples": ["GB"]}}
 
 
 def _document(block: FraudBlock) -> dict[str, Any]:
@@ -41,9 +68,13 @@ async def _publish(record: FraudBlock) -> None:
 class Blocks(ApiView):
     """``GET``: the blocks in force; ``POST {"key", "seconds"}``: block for that long."""
 
+    @openapi.operation("The fraud guard's blocks in force (SMS pumping)", tags=("fraud",),
+                       responses={200: list[BlockDocument]})
     async def get(self, request: web.Request) -> web.Response:
         return self.json([_document(block) for block in blocks.in_force()])
 
+    @openapi.operation("Block a prefix or a country: starts to it are refused", tags=("fraud",),
+                       body=BlockRequest, responses={201: BlockDocument, 400: ApiError})
     async def post(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         if not isinstance(body, dict) or "key" not in body or "seconds" not in body:
@@ -61,6 +92,8 @@ class Blocks(ApiView):
 class Block(ApiView):
     """``DELETE``: lift the block of ``key`` (404 when none is in force)."""
 
+    @openapi.operation("Lift a block", tags=("fraud",), path=KEY_PATH,
+                       responses={204: None, 400: ApiError, 404: ApiError})
     async def delete(self, request: web.Request, key: str) -> web.Response:
         try:
             record = fraud.operator_unblock(key, datetime.now(UTC))

@@ -735,3 +735,6 @@ for path, view in (
     *((API_PREFIX + path, type(f"Api{view.__name__}", (view,), {})) for path, view in API),
 ):
     route(path, view)
+
+# The fraud guard's routes for operators (they use the views above).
+import phoneverify.interfaces.fraud  # noqa: E402,F401
