@@ -880,7 +880,7 @@ def profile_report(args: argparse.Namespace, d: Deployment, results: Results) ->
 
 
 def guard_cost(args: argparse.Namespace) -> dict[bool, Throughput]:
-    """Phase 5: the fraud guard's cost. The throughput phase again on fresh workers and
+    """Phase 7: the fraud guard's cost. The throughput phase again on fresh workers and
     deployments, FRAUD_GUARD off, on, on, off (``--guard-n`` verifications in all, answered,
     in one prefix: the guard's worst case, one key holds every delivery waiting). The order
     cancels a load that drifts during the run; the ratio of the two sums is the guard's cost
@@ -892,7 +892,7 @@ def guard_cost(args: argparse.Namespace) -> dict[bool, Throughput]:
         d = Deployment(args.bootstrap, args.partitions)
         with tempfile.TemporaryDirectory(prefix="phoneverify-bench-") as tmp:
             worker = Worker(d, Path(tmp), FRAUD_GUARD="on" if guard else "off")
-            say(f"5. fraud guard {'on' if guard else 'off'}: {count} verifications")
+            say(f"7. fraud guard {'on' if guard else 'off'}: {count} verifications")
             try:
                 worker.start()
                 runs[guard].append(asyncio.run(_guarded_throughput(d, worker, args.warmup,
@@ -935,7 +935,7 @@ def guard_rows(results: dict[bool, Throughput]) -> list[str]:
 
     return [
         LINE,
-        "5. the fraud guard's cost (phase 1 again on fresh workers: FRAUD_GUARD off, on, on, off)",
+        "7. the fraud guard's cost (phase 1 again on fresh workers: FRAUD_GUARD off, on, on, off)",
         row("verifications / s, off -> on", f"{off.per_second:,.0f} -> {on.per_second:,.0f} "
                                             f"({on.per_second / off.per_second:.2f}x)"),
         row("worker CPU per verification, off -> on",
