@@ -14,6 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import phonenumbers
 from aiohttp import web as aioweb
 from faust import web
 from pydantic import BaseModel, Field
@@ -27,13 +28,18 @@ from phoneverify.models import fraud
 from phoneverify.models.fraud import FraudBlock
 from phoneverify.topics import partition_for
 
+#: A key as the API takes it: an E.164 prefix, or a region libphonenumber knows.
+KEY_PATTERN = (r"^(\+[0-9]{1,14}|"
+               + "|".join(sorted(phonenumbers.SUPPORTED_REGIONS)) + ")$")
+
 
 class BlockRequest(BaseModel):
     """An operator's block."""
 
-    key: str = Field(description="an E.164 prefix (+44740012: the numbers starting so) or an "
-                                 "ISO region code (GB)", examples=["+44740012"])
-    seconds: float = Field(gt=0, description="how long, at most a year", examples=[3600])
+    key: str = Field(pattern=KEY_PATTERN, description="an E.164 prefix (+44740012: the "
+                     "numbers starting so) or an ISO region code (GB)", examples=["+44740012"])
+    seconds: float = Field(gt=0, le=fraud.MAX_BLOCK_SECONDS, description="how long, at most a "
+                           "year", examples=[3600])
 
 
 class BlockDocument(BaseModel):
@@ -48,8 +54,8 @@ class BlockDocument(BaseModel):
     at: str = Field(description="when it was made, ISO-8601 UTC")
 
 
-KEY_PATH = {"key": {"type": "string", "description": "an E.164 prefix (+ as %2B) or an ISO "
-                                                     "region code", "examples": ["GB"]}}
+KEY_PATH = {"key": {"type": "string", "pattern": KEY_PATTERN, "examples": ["GB"],
+                    "description": "an E.164 prefix (+ as %2B) or an ISO region code"}}
 
 
 def _document(block: FraudBlock) -> dict[str, Any]:
