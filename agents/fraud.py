@@ -315,7 +315,7 @@ async def follow_blocks() -> None:
 async def _follow() -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=100)
+                                fetch_max_wait_ms=100, isolation_level="read_committed")
     await consumer.start()
     try:
         partitions = [TopicPartition(names.fraud, p) for p in range(settings.partitions)]
