@@ -1,7 +1,8 @@
 """Outcome webhooks (rule 21): every outcome POSTed, signed, to each of ``WEBHOOK_URLS``.
 
 A stage of its own, keyed by instance id like ``verification.outcome`` (so co-partitioned with
-it): it reads outcomes, the ticker's ticks and its own results (``verification.webhook-tries``),
+it): it reads outcomes, and on ``verification.webhook-tries`` its own results and its ticks (each
+agent reads its own topics: one tick stream per stage, as admission's),
 and keeps what is not yet delivered in the ``webhooks`` table (:class:`~phoneverify.models.
 webhooks.Pending`, written only in stream iteration, changelog first). The POSTs run off the
 stream, in tasks, at most ``WEBHOOK_CONCURRENCY`` at once per URL and each within
@@ -29,6 +30,7 @@ from phoneverify.agents.app import app, names, settings
 from phoneverify.agents.batch import Outbox, aggregate_table, batches, guarded
 from phoneverify.agents.deadlines import DueIndex
 from phoneverify.agents.records import dead_letter, describe, letter, record_time, tick_time
+from phoneverify.agents.ticker import TICK_KEY
 from phoneverify.models import webhooks
 from phoneverify.models.messages import DeadLetter, Outcome, WebhookTried
 from phoneverify.models.webhooks import Pending
@@ -52,8 +54,10 @@ _LOST = settings.webhook_timeout_seconds + 30.0
 
 
 def _reassigned(*args: Any, **kwargs: Any) -> None:
+    # Tries under way are kept: a partition that stays here must not start them again (their
+    # results come back as records, to whoever owns the partition); one that left forgets
+    # them after _LOST.
     due.forget_all()
-    _inflight.clear()
     _pending.clear()
     metrics.webhook_pending.set(0)
 
@@ -61,7 +65,7 @@ def _reassigned(*args: Any, **kwargs: Any) -> None:
 app.on_partitions_assigned.connect(_reassigned)
 app.on_partitions_revoked.connect(_reassigned)
 
-inputs = app.topic(names.outcome, names.tick, names.webhook_tries, key_type=bytes,
+inputs = app.topic(names.outcome, names.webhook_tries, key_type=bytes,
                    value_type=bytes, key_serializer="raw", value_serializer="raw")
 
 
@@ -129,10 +133,10 @@ class Batch:
     def take(self, event: EventT) -> None:
         message = event.message
         topic, partition = message.topic, message.partition
-        if topic == names.tick:
+        key = message.key or b""
+        if topic == names.webhook_tries and key == TICK_KEY:
             self.tick(partition, tick_time(event).timestamp())
             return
-        key = message.key or b""
         if partition != partition_for(key, settings.partitions):
             raise ValueError("record key must be the instance_id, on its partition")
         if topic == names.outcome:

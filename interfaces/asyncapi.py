@@ -99,7 +99,10 @@ CATALOGUE: dict[str, Topic] = {
                            {"RoutedCode": m.RoutedCode, "Terminate": m.Terminate},
                            INSTANCE_KEY, (SERVICE,), (SERVICE,), internal=True),
     topics.WEBHOOK_TRIES: Topic("Internal: the result of each try to POST an outcome to a "
-                                "webhook URL.", {"WebhookTried": m.WebhookTried}, INSTANCE_KEY,
+                                "webhook URL, and the webhook stage's ticks.",
+                                {"WebhookTried": m.WebhookTried, "Tick": m.Tick},
+                                {"type": "string", "description": "the verification's "
+                                 "instance_id (UTF-8), or `#tick` for a tick"},
                                 (SERVICE,), (SERVICE,), internal=True),
     topics.FRAUD: Topic("The fraud guard's blocks and unblocks of a prefix or a country (rule "
                         "20), by the guard or an operator; compacted: the last record of a key "
