@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from phoneverify.models.admission import Limits
 from phoneverify.models.fraud import Policy
 from phoneverify.models.locale import match
+from phoneverify.models.messages import CHANNELS, Channel
 from phoneverify.models.phone import NumberPolicy
 from phoneverify.models.templates.catalog import Budget, Catalog, TemplateError, load
 from phoneverify.models.templates.render import minutes_of
@@ -25,6 +26,17 @@ from phoneverify.models.templates.render import minutes_of
 
 def _items(csv: str) -> frozenset[str]:
     return frozenset(item.strip() for item in csv.split(",") if item.strip())
+
+
+def _channels(csv: str, name: str, ordered: bool = False) -> tuple[Channel, ...]:
+    given = [item.strip().lower() for item in csv.split(",") if item.strip()]
+    unknown = sorted(set(given) - set(CHANNELS))
+    if unknown:
+        raise ValueError(f"{name}: unknown channel(s) {', '.join(unknown)}; use "
+                         f"{', '.join(CHANNELS)}")
+    if ordered:
+        return tuple(dict.fromkeys(given))  # type: ignore[arg-type]
+    return tuple(c for c in CHANNELS if c in given)
 
 
 class Settings(BaseSettings):
@@ -49,6 +61,18 @@ class Settings(BaseSettings):
         "", description="ISO 3166 region codes served, comma-separated; empty: all")
     phone_allowed_types: str = Field(
         "mobile,fixed_line_or_mobile", description="libphonenumber number types served")
+    channels: str = Field(
+        "sms,whatsapp,call", description="channels offered (rule 16): sms, whatsapp, call")
+    fallback_channels: str = Field(
+        "", description="ordered channels tried when a delivery fails for good (rule 17)")
+    resend_limit: int = Field(4, ge=0, le=20, description="resends per verification (rule 15)")
+    resend_interval_seconds: float = Field(
+        30.0, ge=0, description="least time between two deliveries of one verification")
+    phone_allowed_call_types: str = Field(
+        "mobile,fixed_line_or_mobile,fixed_line",
+        description="libphonenumber number types a voice call may reach")
+    twilio_whatsapp_number: str = Field(
+        "", description="the WhatsApp sender (E.164) for whatsapp deliveries with Twilio")
     sms_topic_retention_seconds: float = Field(
         3600.0, gt=0, description="how long verification.sms keeps codes")
     verification_retention_seconds: float = Field(
@@ -186,6 +210,22 @@ class Settings(BaseSettings):
     def number_policy(self) -> NumberPolicy:
         regions = frozenset(region.upper() for region in _items(self.phone_allowed_regions))
         return NumberPolicy(regions=regions, types=_items(self.phone_allowed_types.lower()))
+
+    @cached_property
+    def call_policy(self) -> NumberPolicy:
+        """Where a voice call may go: the regions of the number policy, the call types."""
+        return NumberPolicy(regions=self.number_policy.regions,
+                            types=_items(self.phone_allowed_call_types.lower()))
+
+    @cached_property
+    def offered_channels(self) -> tuple[Channel, ...]:
+        """CHANNELS, in the contract's order; an unknown name stops the worker."""
+        return _channels(self.channels, "CHANNELS")
+
+    @cached_property
+    def fallback(self) -> tuple[Channel, ...]:
+        """FALLBACK_CHANNELS, in its order."""
+        return _channels(self.fallback_channels, "FALLBACK_CHANNELS", ordered=True)
 
     @cached_property
     def limits(self) -> Limits:

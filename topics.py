@@ -32,6 +32,7 @@ EVENTS = "verification.events"
 OUTCOME = "verification.outcome"
 DEAD_LETTER = "verification.dead-letter"
 REPLIES = "verification.replies"
+RESEND = "verification.resend"
 # Internal. Admission's input, keyed by phone number: parsed starts, settlements, ticks.
 ADMISSION = "verification.admission"
 # Admission's verdicts, keyed by instance id, for the actor.
@@ -53,7 +54,7 @@ KEYS = "verification.keys"
 
 ALL = (START, RESPONSE, TERMINATE, TICK, SMS, SMS_STATUS, EVENTS, OUTCOME, DEAD_LETTER,
        REPLIES, ADMISSION, ADMITTED, REROUTED, WEBHOOK_TRIES, FRAUD,
-       GUARD)  # and KEYS, one partition
+       GUARD, RESEND)  # and KEYS, one partition
 
 log = logging.getLogger("phoneverify")
 
@@ -66,6 +67,7 @@ def configs(settings: Settings) -> dict[str, dict[str, str]]:
         START: broker_time,
         RESPONSE: broker_time,
         TERMINATE: broker_time,
+        RESEND: broker_time,
         TICK: broker_time,  # a tick's time is checked against it
         ADMISSION: broker_time,
         GUARD: broker_time,  # a client address's starts are counted at it
@@ -105,6 +107,7 @@ class Names:
         self.webhook_tries = prefix + WEBHOOK_TRIES
         self.fraud = prefix + FRAUD
         self.guard = prefix + GUARD
+        self.resend = prefix + RESEND
 
     def all(self) -> list[str]:
         return [self.prefix + name for name in ALL]

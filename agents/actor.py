@@ -59,6 +59,8 @@ from phoneverify.models.fraud import Concluded, Delivered, prefix_of
 from phoneverify.models.messages import (
     Admission,
     DeadLetter,
+    PhoneDelivery,
+    ResendCode,
     RoutedCode,
     SendSms,
     Settle,
@@ -75,12 +77,15 @@ from phoneverify.models.verification import (
     Answered,
     Command,
     ConfirmSms,
+    Deliver,
+    DeliveryAsked,
     Dropped,
     Event,
     Expire,
     FailSms,
     Held,
     Reject,
+    Resend,
     SmsRequested,
     Start,
     Stop,
@@ -148,7 +153,7 @@ app.on_partitions_assigned.connect(_reassigned)
 app.on_partitions_revoked.connect(_reassigned)
 
 inputs = app.topic(names.admitted, names.response, names.terminate, names.tick,
-                   names.sms_status, names.rerouted, key_type=bytes, value_type=bytes,
+                   names.sms_status, names.rerouted, names.resend, key_type=bytes, value_type=bytes,
                    key_serializer="raw", value_serializer="raw")
 #: The aggregates the batch in progress has changed (status requests read them first).
 _inflight: dict[bytes, tuple[int, Stored | None]] = {}
@@ -215,7 +220,8 @@ class Batch:
                     stored = self.load(key.encode(), target)
                     if stored is None:
                         continue
-                    topic, value = names.sms, sms_command(stored.state).model_dump_json()
+                    topic, value = names.sms, sms_command(stored.state,
+                                                          value).model_dump_json()
                 await outbox.send(topic, key.encode(), value.encode(), partition=target)
         await outbox.flush()
         _outbox_full.difference_update(self.written_outboxes)
@@ -285,7 +291,7 @@ class Batch:
             return
         if key is None:
             raise ValueError("record key must be the instance_id (UTF-8)")
-        if topic in (names.response, names.terminate) and (
+        if topic in (names.response, names.terminate, names.resend) and (
                 partition_for(key, settings.partitions) != partition):
             await self.forward(event)
             return
@@ -354,7 +360,7 @@ class Batch:
         if sequence is not None:
             changes["seen"] = {**stored.seen, sequence[0]: sequence[1]}
         events = decide(command, stored.state)
-        if isinstance(command, Answer | Stop) and stored.state.status == "new" and not any(
+        if isinstance(command, Answer | Stop | Resend) and stored.state.status == "new" and not any(
                 isinstance(event, Held) for event in events):
             self.refuse(command, f"more than {MAX_HELD} commands wait for the start of "
                                  f"{command.instance_id}: this one is not kept")
@@ -420,10 +426,16 @@ class Batch:
                 if event.result != "unknown":  # an unknown one waited out its grace
                     self.published.append(("latency", event.command, event.at.timestamp()))
             elif isinstance(event, SmsRequested):
-                self.output(partition, SMS_MARK, "", state)
+                self.output(partition, SMS_MARK, event.command_id, state)
                 self.guard(partition, state, Delivered(
                     instance_id=state.instance_id, phone_number=state.phone_number or "",
                     at=event.at))
+            elif isinstance(event, DeliveryAsked):  # a resend or fallback: rule 9 counts it
+                phone = state.phone_number or ""
+                ask = PhoneDelivery(instance_id=state.instance_id, phone_number=phone,
+                                    requested_at=event.at, origin=event.origin)
+                self.output(partition, names.admission, ask.model_dump_json(), state, key=phone,
+                            target=partition_for(phone.encode(), settings.partitions))
             elif isinstance(event, Dropped):
                 self.drop(partition, before, event, state)
             elif isinstance(event, TERMINAL):
@@ -462,7 +474,7 @@ class Batch:
         self.output(partition, names.admission, settle.model_dump_json(), state, key=phone,
                     target=partition_for(phone.encode(), settings.partitions))
 
-    def refuse(self, command: Answer | Stop, why: str) -> None:
+    def refuse(self, command: Answer | Stop | Resend, why: str) -> None:
         """A command not kept: its record goes to the dead letters (it comes again, identical,
         if a crash makes the batch run again)."""
         topic, source, offset = command.origin.rsplit(":", 2)
@@ -479,7 +491,7 @@ class Batch:
         dead = letter(topic, int(source), int(offset), held.instance_id.encode(),
                       held.raw.encode(),
                       f"no verification {held.instance_id} started within {grace:g} s of "
-                      f"this {'response' if isinstance(held, Answer) else 'terminate'}")
+                      f"this {_NAMES[held.kind]}")
         self.output(partition, names.dead_letter, dead.model_dump_json(), after)
 
 
@@ -490,6 +502,10 @@ def to_command(event: EventT) -> tuple[Command, str | None, tuple[str, int] | No
     topic, at = message.topic, record_time(event)
     if topic == names.admitted:
         verdict = Admission.from_bytes(message.value)
+        if verdict.kind == "delivery":  # the number's word on a resend or fallback
+            return Deliver(instance_id=verdict.instance_id, origin=verdict.origin,
+                           admitted=verdict.verdict == "admitted", at=verdict.requested_at,
+                           retry_after=verdict.retry_after), None, None
         return start_command(verdict), verdict.origin, None
     if topic == names.sms_status:
         status = _sms_status(message.value)
@@ -519,14 +535,17 @@ def start_command(verdict: Admission) -> Start | Reject:
                       detail=verdict.detail)
     code = draw_code(settings.code_key, iid, settings.verification_code_length)
     return Start(instance_id=iid, phone_number=verdict.phone_number or "",
-                 code_hash=hash_code(settings.code_key, iid, code), command_id=f"{iid}/sms/1",
-                 at=verdict.requested_at, timeout_seconds=settings.verification_timeout_seconds,
+                 code_hash=hash_code(settings.code_key, iid, code),
+                 command_id=f"{iid}/{verdict.channel}/1", at=verdict.requested_at,
+                 timeout_seconds=settings.verification_timeout_seconds,
                  max_attempts=verdict.attempts, request_id=verdict.request_id,
-                 locale=verdict.locale)
+                 locale=verdict.locale, channel=verdict.channel, channels=verdict.channels,
+                 fallback=settings.fallback, resend_limit=settings.resend_limit,
+                 resend_interval=settings.resend_interval_seconds)
 
 
 def hold_command(topic: str, value: bytes | None, at: datetime, origin: str,
-                 routed: bool = False) -> Answer | Stop:
+                 routed: bool = False) -> Answer | Stop | Resend:
     """A response or terminate (``routed``: as the actor moved it, the code hashed); ``raw``
     (code removed) is kept in case it waits in vain."""
     raw = redact(topic, value) or b""
@@ -541,6 +560,10 @@ def hold_command(topic: str, value: bytes | None, at: datetime, origin: str,
         return Answer(instance_id=submit.instance_id, request_id=submit.request_id,
                       code_hash=hash_code(settings.code_key, submit.instance_id, submit.code),
                       **common)
+    if topic == names.resend:
+        resend = ResendCode.from_bytes(value)
+        return Resend(instance_id=resend.instance_id, channel=resend.channel,
+                      request_id=resend.request_id, **common)
     if topic == names.terminate:
         stop = Terminate.from_bytes(value)
         return Stop(instance_id=stop.instance_id, reason=stop.reason or "terminated",
@@ -555,15 +578,22 @@ def _sms_status(raw: bytes | None) -> SmsSent | SmsFailed:
         return SmsFailed.from_bytes(raw)
 
 
-def sms_command(state: Verification, channel: str = "sms") -> SendSms:
-    """The delivery command, with the plain code (drawn again: it is stable per instance),
-    in the verification's locale (rule 18; WebOTP line, rule 19)."""
+def sms_command(state: Verification, command_id: str = "") -> SendSms:
+    """The delivery command ``command_id`` (the last one if not given), with the plain code
+    (drawn again: it is stable per instance, so every delivery carries the same code), over
+    its channel, in the verification's locale (rule 18; WebOTP line, rule 19)."""
+    command_id = command_id or state.command_id or ""
+    channel = next((d.channel for d in state.deliveries if d.command_id == command_id), "sms")
     code = draw_code(settings.code_key, state.instance_id, settings.verification_code_length)
     template = settings.templates.get(state.locale, settings.locale)
     text = body(template, channel, code, settings.app_name, settings.minutes,
                 settings.web_otp_domain)
-    return SendSms(command_id=state.command_id or "", instance_id=state.instance_id,
-                   to=state.phone_number or "", body=text, locale=template.locale)
+    return SendSms(command_id=command_id, instance_id=state.instance_id,
+                   to=state.phone_number or "", body=text, locale=template.locale,
+                   channel=channel)
+
+
+_NAMES = {"answer": "response", "stop": "terminate", "resend": "resend"}
 
 
 def due_at(state: Verification) -> float | None:

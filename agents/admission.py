@@ -27,11 +27,12 @@ from phoneverify.agents.deadlines import DueIndex
 from phoneverify.agents.records import dead_letter, describe, tick_time
 from phoneverify.models import admission
 from phoneverify.models.admission import Number
-from phoneverify.models.messages import Admission, PhoneStart, Settle
+from phoneverify.models.messages import Admission, PhoneDelivery, PhoneStart, Settle
 from phoneverify.topics import partition_for
 
-_REQUEST: TypeAdapter[PhoneStart | Settle] = TypeAdapter(
-    Annotated[PhoneStart | Settle, Field(discriminator="type")], config={"strict": True})
+_REQUEST: TypeAdapter[PhoneStart | PhoneDelivery | Settle] = TypeAdapter(
+    Annotated[PhoneStart | PhoneDelivery | Settle, Field(discriminator="type")],
+    config={"strict": True})
 
 numbers: AggregateTable = aggregate_table("numbers")
 due = DueIndex()
@@ -94,16 +95,26 @@ async def take(outbox: Outbox, touched: Numbers, event: EventT) -> None:
                                   request.wrong_codes)
         touched.put(key, partition, number)
         return
-    start = request
-    verdict, number = admission.admit(touched.get(key, partition), start.origin,
-                                      start.requested_at, settings.limits)
-    touched.put(key, partition, number)
-    answer = Admission(instance_id=start.instance_id, verdict=verdict.verdict,
-                       phone_number=start.phone_number if verdict.verdict == "admitted" else None,
-                       requested_at=start.requested_at, origin=start.origin,
-                       request_id=start.request_id, attempts=verdict.attempts,
-                       retry_after=verdict.retry_after, locale=start.locale)
-    iid = start.instance_id.encode()
+    if isinstance(request, PhoneDelivery):  # a resend or fallback: rule 9 counts it too
+        verdict, number = admission.admit_delivery(touched.get(key, partition), request.origin,
+                                                   request.requested_at, settings.limits)
+        touched.put(key, partition, number)
+        answer = Admission(instance_id=request.instance_id, verdict=verdict.verdict,
+                           requested_at=request.requested_at, origin=request.origin,
+                           retry_after=verdict.retry_after, kind="delivery")
+    else:
+        start = request
+        verdict, number = admission.admit(touched.get(key, partition), start.origin,
+                                          start.requested_at, settings.limits)
+        touched.put(key, partition, number)
+        admitted = verdict.verdict == "admitted"
+        answer = Admission(instance_id=start.instance_id, verdict=verdict.verdict,
+                           phone_number=start.phone_number if admitted else None,
+                           requested_at=start.requested_at, origin=start.origin,
+                           request_id=start.request_id, attempts=verdict.attempts,
+                           retry_after=verdict.retry_after, locale=start.locale,
+                           channel=start.channel, channels=start.channels)
+    iid = answer.instance_id.encode()
     await outbox.send(names.admitted, iid, answer.to_bytes(),
                       partition=partition_for(iid, settings.partitions))
 

@@ -22,7 +22,8 @@ from phoneverify.agents.fraud import ADDRESS, refused
 from phoneverify.agents.records import dead_letter, describe, origin_of, record_time
 from phoneverify.models.locale import choose
 from phoneverify.models.messages import Admission, PhoneStart, StartVerification
-from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, admissible, region_of
+from phoneverify.models.phone import BlockedNumber, InvalidPhoneNumber, reachable, region_of
+from phoneverify.models.verification import auto_channel, available
 from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify")
@@ -52,9 +53,11 @@ async def take(outbox: Outbox, event: EventT) -> None:
         await dead_letter(outbox, event, "record key must be the instance_id (UTF-8)")
         return
     at, origin = record_time(event), origin_of(event)
+    policies = {channel: settings.call_policy if channel == "call" else settings.number_policy
+                for channel in settings.offered_channels}
     try:
-        phone = admissible(start.phone_number, settings.phone_default_region,
-                           settings.number_policy)
+        phone, channels = reachable(start.phone_number, settings.phone_default_region,
+                                    policies)
         pumping = refused(phone, at)
         if pumping is not None:
             raise BlockedNumber(pumping)
@@ -68,12 +71,23 @@ async def take(outbox: Outbox, event: EventT) -> None:
         await outbox.send(names.admitted, key, verdict.to_bytes(),
                           partition=partition_for(key, settings.partitions))
         return
+    wanted = start.channel or "sms"
+    channel = auto_channel(channels) if wanted == "auto" else wanted
+    if channel not in channels:
+        why = ("is not offered here" if channel not in settings.offered_channels
+               else "cannot reach this number")
+        verdict = Admission(instance_id=start.instance_id, requested_at=at, origin=origin,
+                            request_id=start.request_id, verdict="channel_unavailable",
+                            detail=f"{wanted} {why}; {available(channels)}")
+        await outbox.send(names.admitted, key, verdict.to_bytes(),
+                          partition=partition_for(key, settings.partitions))
+        return
     # Rule 18: its locale, decided once, here; kept with the verification from now on.
     locale = choose(settings.templates.locales, settings.locale, start.locale,
                     start.accept_language, region_of(phone))
     forward = PhoneStart(instance_id=start.instance_id, phone_number=phone, requested_at=at,
                          origin=origin, request_id=start.request_id, locale=locale,
-                         client_ip=start.client_ip)
+                         client_ip=start.client_ip, channel=channel, channels=channels)
     if start.client_ip is not None and settings.http_starts_per_ip:
         # First the limit per client address, in the fraud guard's stage (by address).
         await outbox.send(names.guard, (ADDRESS + start.client_ip).encode(), forward.to_bytes())

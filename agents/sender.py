@@ -1,14 +1,17 @@
-"""The SMS sender: delivers SMS commands through the configured backend, reports each result.
+"""The sender: delivers each delivery command (sms, whatsapp, call) through the configured
+backend, reports each result.
 
 Idempotent by ``command_id``: the ``sms-sent`` table (keyed by instance id, as the topic)
-keeps the status each command got, so a command delivered again sends no second SMS: its
-recorded status is reported again instead. Commands are taken in batches and sent
+keeps the status each of the verification's commands got (a resend or a fallback is a command
+of its own), so a command delivered again is not sent twice: its recorded status is reported
+again instead. Commands are taken in batches and sent
 concurrently. The actor deletes an entry when it forgets the verification.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 from faust.types import EventT, StreamT
@@ -35,6 +38,7 @@ async def sender(stream: StreamT[bytes]) -> None:
 async def handle(batch: list[EventT]) -> None:
     outbox = Outbox()
     commands: dict[str, tuple[SendSms, int]] = {}  # by command_id: a batch may repeat one
+    written: dict[bytes, tuple[int, bytes | None]] = {}
     for event in batch:
         try:
             command = SendSms.from_bytes(event.value)
@@ -42,27 +46,31 @@ async def handle(batch: list[EventT]) -> None:
             await dead_letter(outbox, event, describe(error))
             continue
         key, partition = command.instance_id.encode(), event.message.partition
-        recorded = sent.read(key, partition)
-        if recorded is not None and _status_of(recorded).command_id == command.command_id:
-            await outbox.send(names.sms_status, key, recorded, partition=partition)
+        recorded = _recorded(written.get(key, (partition, sent.read(key, partition)))[1])
+        if command.command_id in recorded:
+            status_bytes = recorded[command.command_id].encode()
+            await outbox.send(names.sms_status, key, status_bytes, partition=partition)
             continue
         commands[command.command_id] = (command, partition)
     deliveries = await asyncio.gather(*(timed(c) for c, _ in commands.values()))
-    written: dict[bytes, tuple[int, bytes | None]] = {}
     for (command, partition), delivery in zip(commands.values(), deliveries, strict=True):
         metrics.sms.labels("sent" if delivery.ok else "failed").inc()
+        metrics.deliveries.labels(command.channel, "sent" if delivery.ok else "failed").inc()
         if delivery.ok:
             status: SmsSent | SmsFailed = SmsSent(
                 command_id=command.command_id, instance_id=command.instance_id,
                 provider_id=delivery.provider_id)
         else:
-            log.warning("SMS %s not delivered: %s", command.command_id, delivery.error)
+            log.warning("%s %s not delivered: %s", command.channel, command.command_id,
+                        delivery.error)
             status = SmsFailed(command_id=command.command_id,
                                instance_id=command.instance_id, error=delivery.error,
                                permanent=delivery.permanent)
         key = command.instance_id.encode()
         await outbox.send(names.sms_status, key, status.to_bytes(), partition=partition)
-        written[key] = (partition, status.to_bytes())
+        recorded = _recorded(written.get(key, (partition, sent.read(key, partition)))[1])
+        recorded[command.command_id] = status.model_dump_json()
+        written[key] = (partition, json.dumps(recorded).encode())
     await outbox.flush()
     await sent.write(written)
 
@@ -73,13 +81,19 @@ async def timed(command: SendSms) -> Delivery:
     try:
         return await send_with_retry(backend, command.to, command.body,
                                      instance_id=command.instance_id,
-                                     command_id=command.command_id, before_each=fence.check)
+                                     command_id=command.command_id, channel=command.channel,
+                                     locale=getattr(command, "locale", None),
+                                     before_each=fence.check)
     finally:
         metrics.sms_send.observe(time.perf_counter() - began)
 
 
-def _status_of(raw: bytes) -> SmsSent | SmsFailed:
-    try:
-        return SmsSent.from_bytes(raw)
-    except ValidationError:
-        return SmsFailed.from_bytes(raw)
+def _recorded(raw: bytes | None) -> dict[str, str]:
+    """The statuses recorded for one verification's commands, by command id (a value of the
+    first round is one status on its own)."""
+    if raw is None:
+        return {}
+    value = json.loads(raw)
+    if "type" in value:
+        return {value["command_id"]: raw.decode()}
+    return value

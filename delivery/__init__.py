@@ -1,4 +1,5 @@
-"""SMS backends: how an SMS command reaches a phone.
+"""Delivery backends: how a code reaches a phone, over a channel (``sms``, ``whatsapp``, or
+``call``: a voice call that reads the body) through a provider (console or Twilio).
 
 A backend's ``send`` returns a :class:`Delivery` for a final answer (sent, or refused for
 good, such as an invalid number) and raises :class:`TransientSmsError` for what may work on a
@@ -30,10 +31,12 @@ class TransientSmsError(Exception):
 
 class SmsBackend(Protocol):
     async def send(self, to: str, body: str, *, instance_id: str | None = None,
-                   command_id: str | None = None) -> Delivery:
-        """Send ``body`` to ``to``; ``instance_id`` and ``command_id`` name the verification
-        and its SMS command, for backends that show them (the console) or get them back (a
-        delivery receipt), never sent to the phone."""
+                   command_id: str | None = None, channel: str = "sms",
+                   locale: str | None = None) -> Delivery:
+        """Send ``body`` to ``to`` over ``channel`` (for ``call`` it is the text spoken, in
+        ``locale``); ``instance_id`` and ``command_id`` name the verification and its
+        delivery, for backends that show them (the console) or get them back (a delivery
+        receipt or call status), never sent to the phone."""
         ...
 
     async def close(self) -> None: ...
@@ -41,7 +44,8 @@ class SmsBackend(Protocol):
 
 async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 4,
                           first_delay: float = 0.2, *, instance_id: str | None = None,
-                          command_id: str | None = None,
+                          command_id: str | None = None, channel: str = "sms",
+                          locale: str | None = None,
                           before_each: Callable[[], None] | None = None) -> Delivery:
     """Send, trying again after transient errors (doubling the delay); ``before_each`` runs
     before every try (the worker's fence)."""
@@ -50,7 +54,8 @@ async def send_with_retry(backend: SmsBackend, to: str, body: str, tries: int = 
         if before_each is not None:
             before_each()
         try:
-            return await backend.send(to, body, instance_id=instance_id, command_id=command_id)
+            return await backend.send(to, body, instance_id=instance_id, command_id=command_id,
+                                      channel=channel, locale=locale)
         except TransientSmsError as error:
             if attempt == tries:
                 return Delivery(ok=False, error=f"gave up after {tries} tries: {error}",

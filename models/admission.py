@@ -4,7 +4,8 @@ Pure functions over one phone number's state; the admission agent keeps that sta
 keyed by the number, so the starts for one number are decided one at a time, and a limit holds
 exactly under concurrent starts.
 
-- **Rate limit.** At most ``starts`` admitted starts in any window of ``starts_window`` seconds.
+- **Rate limit.** At most ``starts`` deliveries (admitted starts, resends and fallbacks: rule 9
+  counts deliveries) in any window of ``starts_window`` seconds.
 - **Guess budget.** At most ``guesses`` wrong codes in any window of ``guess_window`` seconds,
   across all the number's verifications. A start is admitted with ``min(max_attempts, budget
   left)`` attempts, *reserved* from the budget; when its verification concludes, the
@@ -105,6 +106,21 @@ def admit(number: Number, origin: str, at: datetime, limits: Limits) -> tuple[Ve
         "open": (*number.open, Reservation(origin=origin, attempts=attempts, at=at)),
     })
     return Verdict("admitted", attempts), after
+
+
+def admit_delivery(number: Number, origin: str, at: datetime,
+                   limits: Limits) -> tuple[Verdict, Number]:
+    """A resend or fallback of a started verification (``origin`` names it): rule 9 counts
+    every delivery, so it passes the same window as starts; it reserves no attempts."""
+    span = timedelta(seconds=limits.starts_window)
+    newest = max([at, *(time for _, time in number.starts)])
+    starts = tuple(entry for entry in number.starts if entry[1] > newest - 2 * span)
+    if any(o == origin for o, _ in starts):  # delivered again: the same verdict
+        return Verdict("admitted"), number
+    near = [time for _, time in starts if at - span < time < at + span]
+    if len(near) >= limits.starts:
+        return Verdict("rate_limited", retry_after=_seconds(min(near) + span - at)), number
+    return Verdict("admitted"), number.model_copy(update={"starts": (*starts, (origin, at))})
 
 
 def settle(number: Number, origin: str, wrong_codes: tuple[datetime, ...]) -> Number:

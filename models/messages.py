@@ -68,7 +68,12 @@ OutcomeReason = Literal[
 ]
 #: Why a start was refused before it reached the actor (it gets an outcome with this reason).
 RefusalReason = Literal["invalid_phone_number", "blocked_number", "rate_limited"]
-CommandName = Literal["start", "response", "terminate"]
+CommandName = Literal["start", "response", "terminate", "resend"]
+#: How a code reaches the person (rule 16): a text, a WhatsApp message, or a voice call.
+Channel = Literal["sms", "whatsapp", "call"]
+#: What a start or resend may ask for: a channel, or ``auto`` (sms, or call for landlines).
+ChannelChoice = Literal["sms", "whatsapp", "call", "auto"]
+CHANNELS: tuple[Channel, ...] = ("sms", "whatsapp", "call")
 ReplyStatus = Literal["pending", "verified", "failed", "terminated", "unknown"]
 ReplyResult = Literal[
     # start
@@ -77,7 +82,9 @@ ReplyResult = Literal[
     "verified", "wrong_code", "too_many_attempts", "expired",
     # terminate
     "terminated",
-    # response and terminate
+    # resend (and start: a channel not offered or not possible for the number)
+    "resent", "channel_unavailable",
+    # response, terminate and resend
     "ended", "unknown",
 ]
 
@@ -118,12 +125,23 @@ class StartVerification(Message):
     accept_language: LocaleTag = None
     #: The address of the person's client: starts per address are limited (rule 20).
     client_ip: ClientIp | None = None
+    #: Rule 16: how the code goes out (``sms`` when absent).
+    channel: ChannelChoice | None = None
 
     def to_bytes(self) -> bytes:
-        """As JSON; ``locale``, ``accept_language`` and ``client_ip`` only when given."""
-        unset = {name for name in ("locale", "accept_language", "client_ip")
+        """As JSON; ``locale``, ``accept_language``, ``client_ip`` and ``channel`` only when
+        given."""
+        unset = {name for name in ("locale", "accept_language", "client_ip", "channel")
                  if getattr(self, name) is None}
         return self.model_dump_json(exclude=unset).encode()
+
+
+class ResendCode(Message):
+    """Rule 15: the same code again, over ``channel`` (absent: the channel used last)."""
+
+    instance_id: InstanceId
+    channel: ChannelChoice | None = None
+    request_id: RequestId | None = None
 
 
 class SubmitCode(Message):
@@ -157,6 +175,10 @@ class Reply(Message):
     detail: str | None = None
     #: Starts: the locale of its messages (rule 18).
     locale: str | None = None
+    #: Starts and resends: the channel of the delivery (rule 16).
+    channel: Channel | None = None
+    #: Starts and resends: how many resends the verification has left (rule 15).
+    resends_left: int | None = None
 
 
 class Tick(Message):
@@ -165,12 +187,16 @@ class Tick(Message):
 
 
 class SendSms(Message):
+    """One delivery of a code, over any channel (the topic keeps its name): for ``sms`` and
+    ``whatsapp`` the body is the text, for ``call`` the words spoken."""
+
     command_id: str
     instance_id: InstanceId
     to: str
     body: str
     #: The locale the body is written in (rule 16, 18).
     locale: str | None = None
+    channel: Channel = "sms"
 
     def __repr__(self) -> str:  # never show the code in a log line or traceback
         return f"SendSms(command_id={self.command_id!r}, instance_id={self.instance_id!r})"
@@ -261,6 +287,19 @@ class PhoneStart(Message):
     #: The locale chosen for it at intake (rule 18).
     locale: str | None = None
     client_ip: str | None = None
+    channel: Channel = "sms"
+    channels: tuple[Channel, ...] = CHANNELS
+
+
+class PhoneDelivery(Message):
+    """A resend or fallback the actor asks the number's admission for (rule 9 counts every
+    delivery). Keyed by phone number; idempotent per origin."""
+
+    type: Literal["delivery"] = "delivery"
+    instance_id: InstanceId
+    phone_number: str
+    requested_at: UtcTime
+    origin: str
 
 
 class Settle(Message):
@@ -288,7 +327,8 @@ class Admission(Message):
     """Admission's (or intake's) verdict on a start, keyed by instance id for the actor."""
 
     instance_id: InstanceId
-    verdict: Literal["admitted", "rate_limited", "invalid_phone_number", "blocked_number"]
+    verdict: Literal["admitted", "rate_limited", "invalid_phone_number", "blocked_number",
+                     "channel_unavailable"]
     phone_number: str | None = None
     requested_at: UtcTime
     origin: str
@@ -299,3 +339,8 @@ class Admission(Message):
     detail: str = ""
     #: The locale chosen for it at intake (rule 18).
     locale: str | None = None
+    #: ``delivery``: the verdict on a resend or fallback (:class:`PhoneDelivery`).
+    kind: Literal["start", "delivery"] = "start"
+    #: Starts: the channel asked for (resolved) and the offered channels the number may use.
+    channel: Channel = "sms"
+    channels: tuple[Channel, ...] = CHANNELS

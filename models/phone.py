@@ -97,6 +97,24 @@ def region_of(e164: str) -> str | None:
         return None
 
 
+def reachable(raw: str, default_region: str,
+              policies: dict[str, NumberPolicy]) -> tuple[str, tuple[str, ...]]:
+    """The E.164 form and the channels (the keys of ``policies``, in order) whose policy
+    admits the number (rule 16); InvalidPhoneNumber, or BlockedNumber when none does (the
+    reason of the first channel's policy)."""
+    e164, channels, refusal = "", [], None
+    for channel, policy in policies.items():
+        try:
+            e164 = admissible(raw, default_region, policy)
+        except BlockedNumber as error:
+            refusal = refusal or error
+            continue
+        channels.append(channel)
+    if not channels:
+        raise refusal or BlockedNumber("no channel is offered here")
+    return e164, tuple(channels)
+
+
 def mask(e164: str | None) -> str | None:
     """Keep the first digits and the last two: ``+14255550100`` -> ``+142******00``."""
     if not e164:

@@ -5,6 +5,12 @@ keyed hash in the command; time arrives in the command (record timestamps, ticks
 rules: one SMS per start, a window of ``timeout`` from the start record's time, ``max_attempts``
 tries, then exactly one conclusion (verified, failed or terminated) and nothing after it.
 
+Resends, channels and fallbacks (rules 15-17) are commands and events of this same aggregate:
+a resend is checked here (its interval and limit, its channel) and then *asked* of the number's
+admission (rule 9 counts every delivery), whose verdict comes back as :class:`Deliver`; a
+delivery that fails for good asks for the next channel of the fallback list the same way.
+Every delivery is one ``SmsRequested`` naming its channel and why it went out.
+
 Two additions of the contract live here too. A response or terminate that arrives before its
 start is *held* (it overtook the start, which takes more hops) and applied, in arrival order,
 when the start is decided; past its grace it is dropped. And every command that carries a
@@ -26,6 +32,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from phoneverify.models.messages import (
+    CHANNELS,
+    Channel,
+    ChannelChoice,
     CommandName,
     InstanceId,
     Outcome,
@@ -65,6 +74,13 @@ class Start(_Frozen):
     request_id: RequestId | None = None
     #: The locale of its messages, chosen at intake (rule 18).
     locale: str | None = None
+    #: The first delivery's channel; the offered channels the number may use; the fallback
+    #: list; the resend limit and interval (rules 15-17, from settings).
+    channel: Channel = "sms"
+    channels: tuple[Channel, ...] = CHANNELS
+    fallback: tuple[Channel, ...] = ()
+    resend_limit: int = 4
+    resend_interval: float = 30.0
 
 
 class Reject(_Frozen):
@@ -72,7 +88,7 @@ class Reject(_Frozen):
 
     kind: Literal["reject"] = "reject"
     instance_id: InstanceId
-    reason: RefusalReason
+    reason: RefusalReason | Literal["channel_unavailable"]
     at: UtcTime
     request_id: RequestId | None = None
     retry_after: float | None = None
@@ -107,6 +123,30 @@ class Stop(_Frozen):
     raw: str = ""
 
 
+class Resend(_Frozen):
+    """The same code again (rule 15), over ``channel`` (``None``: the channel used last)."""
+
+    kind: Literal["resend"] = "resend"
+    instance_id: InstanceId
+    channel: ChannelChoice | None = None
+    at: UtcTime
+    request_id: RequestId | None = None
+    hold_seconds: float = 0.0
+    origin: str = ""
+    raw: str = ""
+
+
+class Deliver(_Frozen):
+    """The number's admission on the delivery asked as ``origin``: admitted, or not."""
+
+    kind: Literal["deliver"] = "deliver"
+    instance_id: InstanceId
+    origin: str
+    admitted: bool
+    at: UtcTime
+    retry_after: float | None = None
+
+
 class Expire(_Frozen):
     """Time has passed (a tick): the deadline, and the grace of held commands, are checked."""
 
@@ -133,8 +173,10 @@ class FailSms(_Frozen):
     at: UtcTime
 
 
-Command = Start | Reject | Answer | Stop | Expire | ConfirmSms | FailSms
-Holdable = Annotated[Answer | Stop, Field(discriminator="kind")]
+Command = Start | Reject | Answer | Stop | Resend | Deliver | Expire | ConfirmSms | FailSms
+Holdable = Annotated[Answer | Stop | Resend, Field(discriminator="kind")]
+#: Why a delivery went out.
+Because = Literal["start", "resend", "fallback"]
 
 
 # ---------------------------------------------------------------- events (what happened)
@@ -150,12 +192,57 @@ class Started(_Frozen):
     max_attempts: int
     at: UtcTime
     locale: str | None = None
+    channels: tuple[Channel, ...] = CHANNELS
+    fallback: tuple[Channel, ...] = ()
+    resend_limit: int = 4
+    resend_interval: float = 30.0
 
 
 class SmsRequested(_Frozen):
+    """A delivery of the code (any channel; the name is the first round's): ``reason`` says
+    why it goes out, ``detail`` for a fallback which delivery failed and how."""
+
     type: Literal["sms_requested"] = "sms_requested"
     instance_id: InstanceId
     command_id: str
+    at: UtcTime
+    channel: Channel = "sms"
+    reason: Because = "start"
+    detail: str = ""
+
+
+class DeliveryAsked(_Frozen):
+    """A resend or fallback passed the verification's own checks; the number's admission
+    (rule 9) is asked whether it may go out."""
+
+    type: Literal["delivery_asked"] = "delivery_asked"
+    instance_id: InstanceId
+    origin: str
+    channel: Channel
+    reason: Literal["resend", "fallback"]
+    at: UtcTime
+    request_id: RequestId | None = None
+    detail: str = ""
+
+
+class DeliveryRefused(_Frozen):
+    """The number's admission refused the asked delivery (its limit of rule 9)."""
+
+    type: Literal["delivery_refused"] = "delivery_refused"
+    instance_id: InstanceId
+    origin: str
+    at: UtcTime
+    retry_after: float | None = None
+
+
+class DeliveryFailed(_Frozen):
+    """A delivery failed for good (refused by the provider, or its receipt or call status)."""
+
+    type: Literal["delivery_failed"] = "delivery_failed"
+    instance_id: InstanceId
+    command_id: str
+    channel: Channel
+    error: str
     at: UtcTime
 
 
@@ -237,11 +324,12 @@ class Answered(_Frozen):
     result: ReplyResult
     at: UtcTime
     retry_after: float | None = None
+    detail: str = ""
 
 
 Event = Annotated[
     Started | SmsRequested | SmsAccepted | SmsDelivered | CodeRejected | Verified | Failed
-    | Terminated
+    | Terminated | DeliveryAsked | DeliveryRefused | DeliveryFailed
     | Held | Dropped | Answered,
     Field(discriminator="type"),
 ]
@@ -249,6 +337,26 @@ TERMINAL = (Verified, Failed, Terminated)
 
 
 # ---------------------------------------------------------------- state
+
+
+class Delivery(_Frozen):
+    """One delivery of the code and how far it got."""
+
+    command_id: str
+    channel: Channel
+    at: UtcTime
+    status: Literal["requested", "accepted", "delivered", "failed"] = "requested"
+
+
+class Asked(_Frozen):
+    """A delivery asked of the number's admission, not answered yet."""
+
+    origin: str
+    channel: Channel
+    reason: Literal["resend", "fallback"]
+    at: UtcTime
+    request_id: RequestId | None = None
+    detail: str = ""
 
 
 class Verification(_Frozen):
@@ -259,7 +367,8 @@ class Verification(_Frozen):
     phone_number: str | None = None
     code_hash: str | None = None
     command_id: str | None = None
-    sms: Literal["none", "requested", "accepted", "delivered"] = "none"
+    #: The last delivery's status (``command_id`` is its command).
+    sms: Literal["none", "requested", "accepted", "delivered", "failed"] = "none"
     created_at: UtcTime | None = None
     deadline: UtcTime | None = None
     max_attempts: int = 0
@@ -273,6 +382,15 @@ class Verification(_Frozen):
     updated_at: UtcTime | None = None
     #: Commands that arrived before the start, in arrival order.
     held: tuple[Holdable, ...] = ()
+    #: Rules 15-17: every delivery so far, the offered channels the number may use, the
+    #: fallback list, the resends made and allowed, and a delivery asked of admission.
+    deliveries: tuple[Delivery, ...] = ()
+    channels: tuple[Channel, ...] = CHANNELS
+    fallback: tuple[Channel, ...] = ()
+    resends: int = 0
+    resend_limit: int = 4
+    resend_interval: float = 30.0
+    asking: Asked | None = None
     version: int = 0
 
     @property
@@ -288,6 +406,23 @@ class Verification(_Frozen):
     def attempts_left(self) -> int:
         return max(self.max_attempts - self.attempts, 0)
 
+    @property
+    def channel(self) -> Channel | None:
+        """The last delivery's channel."""
+        return self.deliveries[-1].channel if self.deliveries else None
+
+    @property
+    def resends_left(self) -> int:
+        return max(self.resend_limit - self.resends, 0)
+
+    @property
+    def resend_at(self) -> datetime | None:
+        """When a resend is allowed next (``None``: none is left, or it is not pending)."""
+        if self.status != "pending" or self.resends_left == 0:
+            return None
+        last = self.deliveries[-1].at if self.deliveries else self.created_at
+        return None if last is None else last + timedelta(seconds=self.resend_interval)
+
 
 def initial_state(instance_id: str) -> Verification:
     return Verification(instance_id=instance_id)
@@ -296,11 +431,23 @@ def initial_state(instance_id: str) -> Verification:
 # ---------------------------------------------------------------- decide
 
 _COMMAND_NAMES: dict[str, CommandName] = {"start": "start", "reject": "start",
-                                          "answer": "response", "stop": "terminate"}
+                                          "answer": "response", "stop": "terminate",
+                                          "resend": "resend"}
 
 
 def decide(command: Command, state: Verification) -> list[Event]:
     """The events that ``command`` causes in ``state``; ``[]`` when it changes nothing."""
+    events = _decide(command, state)
+    asked = state.asking
+    if (asked is not None and asked.request_id is not None and not state.is_final
+            and any(isinstance(event, TERMINAL) for event in events)):
+        # It concluded while a resend waited for admission: that resend is answered now.
+        events.append(Answered(instance_id=state.instance_id, request_id=asked.request_id,
+                               command="resend", result="ended", at=command.at))
+    return events
+
+
+def _decide(command: Command, state: Verification) -> list[Event]:
     iid, at = command.instance_id, command.at
     if state.is_final:
         # Exactly one conclusion, ever: a late or repeated command changes nothing.
@@ -308,6 +455,9 @@ def decide(command: Command, state: Verification) -> list[Event]:
     match command:
         case Start() if state.status == "new":
             return _start(command, state)
+        case Reject(reason="channel_unavailable") if state.status == "new":
+            # Nothing starts: the instance id stays free for a start over another channel.
+            return _answered(command, "channel_unavailable", detail=command.detail)
         case Reject() if state.status == "new":
             failed = Failed(instance_id=iid, reason=command.reason, attempts=0, at=at,
                             detail=command.detail)
@@ -317,15 +467,15 @@ def decide(command: Command, state: Verification) -> list[Event]:
             return _answered(command, "duplicate")  # a used instance_id sends nothing
     if state.status == "new":
         match command:
-            case Answer() | Stop() if len(state.held) >= MAX_HELD:
+            case Answer() | Stop() | Resend() if len(state.held) >= MAX_HELD:
                 return _answered(command, "unknown")
-            case Answer() | Stop():
+            case Answer() | Stop() | Resend():
                 return [Held(instance_id=iid, command=command, at=at)]
             case Expire():
                 return _drop_expired_holds(state, at)
         return []  # nothing to confirm or expire yet
     assert state.deadline is not None and state.code_hash is not None
-    if isinstance(command, Answer | Stop) and state.created_at is not None:
+    if isinstance(command, Answer | Stop | Resend) and state.created_at is not None:
         # Never dated more than its grace before the start: one stamped earlier still (it lagged
         # behind its start, or waited past its grace for want of a tick) counts from there, so
         # its wrong code stays inside the guess budget's ``hold`` margin (models/admission.py).
@@ -354,15 +504,110 @@ def decide(command: Command, state: Verification) -> list[Event]:
                     *_answered(command, "terminated")]
         case Expire() if at >= state.deadline:
             return [_failed(state, "expired", at)]
-        case ConfirmSms() if command.command_id != state.command_id:
-            return []
-        case ConfirmSms(receipt=True) if state.sms != "delivered":
-            return [SmsDelivered(instance_id=iid, command_id=command.command_id, at=at)]
-        case ConfirmSms() if state.sms == "requested":
-            return [SmsAccepted(instance_id=iid, command_id=command.command_id, at=at)]
-        case FailSms() if command.command_id == state.command_id:
-            return [_failed(state, "sms_undeliverable", at, command.error)]
+        case Resend():
+            return _resend(command, state)
+        case Deliver():
+            return _deliver(command, state)
+        case ConfirmSms() | FailSms():
+            return _delivery_status(command, state)
     return []
+
+
+def available(channels: tuple[Channel, ...]) -> str:
+    """The channels that would work, in words (for ``channel_unavailable``)."""
+    if not channels:
+        return "no channel can reach this number"
+    return f"channels that would work for this number: {', '.join(channels)}"
+
+
+def auto_channel(channels: tuple[Channel, ...]) -> Channel | None:
+    """``auto``: sms for numbers that take it, a call for landlines, else the first offered."""
+    for channel in ("sms", "call"):
+        if channel in channels:
+            return channel  # type: ignore[return-value]
+    return channels[0] if channels else None
+
+
+def _resend(command: Resend, state: Verification) -> list[Event]:
+    """Rule 15: the same code again, if its interval, its limit and its channel allow."""
+    at, wanted = command.at, command.channel or state.channel or "sms"
+    channel = auto_channel(state.channels) if wanted == "auto" else wanted
+    if channel not in state.channels:
+        return _answered(command, "channel_unavailable",
+                         detail=f"{wanted} cannot reach this number here; "
+                                f"{available(state.channels)}")
+    if state.resends_left == 0:
+        return _answered(command, "rate_limited",
+                         detail=f"no resend is left (at most {state.resend_limit})")
+    allowed = state.resend_at
+    if state.asking is not None:  # one already waits for admission: it counts as the last
+        allowed = state.asking.at + timedelta(seconds=state.resend_interval)
+    if allowed is not None and at < allowed:
+        wait = round((allowed - at).total_seconds(), 3)
+        return _answered(command, "rate_limited", retry_after=wait,
+                         detail=f"the code was sent less than {state.resend_interval:g} s ago")
+    return [DeliveryAsked(instance_id=command.instance_id, origin=command.origin,
+                          channel=channel, reason="resend", at=at,
+                          request_id=command.request_id)]
+
+
+def _deliver(command: Deliver, state: Verification) -> list[Event]:
+    """The number's admission answered the asked delivery: it goes out, or it is refused."""
+    asked, iid, at = state.asking, command.instance_id, command.at
+    if asked is None or asked.origin != command.origin:
+        return []  # delivered again: decided already
+
+    def reply(result: ReplyResult, retry_after: float | None = None) -> list[Event]:
+        return [] if asked.request_id is None else [
+            Answered(instance_id=iid, request_id=asked.request_id, command="resend",
+                     result=result, at=at, retry_after=retry_after)]
+    if not command.admitted:
+        refused = DeliveryRefused(instance_id=iid, origin=asked.origin, at=at,
+                                  retry_after=command.retry_after)
+        events: list[Event] = [refused, *reply("rate_limited", retry_after=command.retry_after)]
+        if asked.reason == "fallback" and not _may_have_arrived(state):
+            events.append(_failed(state, "sms_undeliverable", at,
+                                  f"{asked.detail}; the {asked.channel} fallback was refused: "
+                                  "too many deliveries to this number lately"))
+        return events
+    number = len(state.deliveries) + 1
+    return [SmsRequested(instance_id=iid, command_id=f"{iid}/{asked.channel}/{number}",
+                         at=at, channel=asked.channel, reason=asked.reason,
+                         detail=asked.detail),
+            *reply("resent")]
+
+
+def _delivery_status(command: ConfirmSms | FailSms, state: Verification) -> list[Event]:
+    """The provider's word on one delivery; a failure of the last one falls back (rule 17)."""
+    iid, at, cid = command.instance_id, command.at, command.command_id
+    delivery = next((d for d in state.deliveries if d.command_id == cid), None)
+    if delivery is None or delivery.status == "failed":
+        return []
+    if isinstance(command, ConfirmSms):
+        if command.receipt and delivery.status != "delivered":
+            return [SmsDelivered(instance_id=iid, command_id=cid, at=at)]
+        if delivery.status == "requested":
+            return [SmsAccepted(instance_id=iid, command_id=cid, at=at)]
+        return []
+    failed = DeliveryFailed(instance_id=iid, command_id=cid, channel=delivery.channel,
+                            error=command.error, at=at)
+    after = evolve(state, failed)
+    if cid != state.command_id or state.asking is not None:
+        return [failed]  # a later delivery is on its way
+    tried = {d.channel for d in after.deliveries if d.status == "failed"}
+    left = [c for c in state.fallback if c in state.channels and c not in tried]
+    if left:
+        return [failed, DeliveryAsked(instance_id=iid, origin=f"{cid}/fallback", channel=left[0],
+                                      reason="fallback", at=at,
+                                      detail=f"{delivery.channel} failed: {command.error}")]
+    if _may_have_arrived(after):
+        return [failed]  # an earlier delivery may have reached the person
+    return [failed, _failed(state, "sms_undeliverable", at, command.error)]
+
+
+def _may_have_arrived(state: Verification) -> bool:
+    """Some delivery was accepted by its provider and has not failed since."""
+    return any(d.status in ("accepted", "delivered") for d in state.deliveries)
 
 
 def _start(command: Start, state: Verification) -> list[Event]:
@@ -371,11 +616,14 @@ def _start(command: Start, state: Verification) -> list[Event]:
     started = Started(instance_id=iid, phone_number=command.phone_number,
                       code_hash=command.code_hash, created_at=at,
                       deadline=at + timedelta(seconds=command.timeout_seconds),
-                      max_attempts=command.max_attempts, at=at, locale=command.locale)
+                      max_attempts=command.max_attempts, at=at, locale=command.locale,
+                      channels=command.channels, fallback=command.fallback,
+                      resend_limit=command.resend_limit, resend_interval=command.resend_interval)
     after = evolve(state, started)
     released = _release_held(state, after)
     sms = [] if fold(after, released).is_final else [
-        SmsRequested(instance_id=iid, command_id=command.command_id, at=at)]
+        SmsRequested(instance_id=iid, command_id=command.command_id, at=at,
+                     channel=command.channel)]
     return [started, *sms, *released, *_answered(command, "started")]
 
 
@@ -399,13 +647,13 @@ def _drop_expired_holds(state: Verification, now: datetime) -> list[Event]:
 
 
 def _answered(command: Command, result: ReplyResult, retry_after: float | None = None,
-              at: datetime | None = None) -> list[Event]:
+              at: datetime | None = None, detail: str = "") -> list[Event]:
     request_id = getattr(command, "request_id", None)
     if request_id is None or command.kind not in _COMMAND_NAMES:
         return []
     return [Answered(instance_id=command.instance_id, request_id=request_id,
                      command=_COMMAND_NAMES[command.kind], result=result,
-                     at=at or command.at, retry_after=retry_after)]
+                     at=at or command.at, retry_after=retry_after, detail=detail)]
 
 
 def _failed(state: Verification, reason: str, at: datetime, detail: str = "") -> Failed:
@@ -425,13 +673,27 @@ def evolve(state: Verification, event: Event) -> Verification:
                         "code_hash": event.code_hash, "created_at": event.created_at,
                         "deadline": event.deadline, "max_attempts": event.max_attempts,
                         "locale": event.locale,
+                        "channels": event.channels, "fallback": event.fallback,
+                        "resend_limit": event.resend_limit,
+                        "resend_interval": event.resend_interval,
                         "held": ()}  # the held commands are decided with the start
         case SmsRequested():
-            changes |= {"sms": "requested", "command_id": event.command_id}
+            delivery = Delivery(command_id=event.command_id, channel=event.channel, at=event.at)
+            changes |= {"sms": "requested", "command_id": event.command_id, "asking": None,
+                        "deliveries": (*state.deliveries, delivery),
+                        "resends": state.resends + (event.reason == "resend")}
         case SmsAccepted():
-            changes |= {"sms": "accepted"}
+            changes |= _delivery(state, event.command_id, "accepted")
         case SmsDelivered():
-            changes |= {"sms": "delivered"}
+            changes |= _delivery(state, event.command_id, "delivered")
+        case DeliveryFailed():
+            changes |= _delivery(state, event.command_id, "failed")
+        case DeliveryAsked():
+            changes |= {"asking": Asked(origin=event.origin, channel=event.channel,
+                                        reason=event.reason, at=event.at,
+                                        request_id=event.request_id, detail=event.detail)}
+        case DeliveryRefused():
+            changes |= {"asking": None}
         case CodeRejected():
             changes |= {"attempts": event.attempts, "wrong_at": (*state.wrong_at, event.at)}
         case Verified():
@@ -451,10 +713,21 @@ def evolve(state: Verification, event: Event) -> Verification:
             return state.model_copy(update=changes)  # a fact for the log; the state is as it was
     changes["updated_at"] = event.at
     if isinstance(event, TERMINAL):
+        changes["asking"] = None
         changes["held"] = ()  # held commands are answered in the decision that concludes
         if state.created_at is None:
             changes["created_at"] = event.at  # a start refused upstream concludes at once
     return state.model_copy(update=changes)
+
+
+def _delivery(state: Verification, command_id: str, status: str) -> dict[str, object]:
+    """The changes that mark one delivery ``status`` (and ``sms`` if it is the last)."""
+    deliveries = tuple(d.model_copy(update={"status": status}) if d.command_id == command_id
+                       else d for d in state.deliveries)
+    changes: dict[str, object] = {"deliveries": deliveries}
+    if command_id == state.command_id:
+        changes["sms"] = status
+    return changes
 
 
 def fold(state: Verification, events: Iterable[Event]) -> Verification:
@@ -477,13 +750,17 @@ def reply_of(answered: Answered, state: Verification) -> Reply:
         attempts_left: int | None = state.max_attempts  # all it was admitted with
     else:
         attempts_left = state.attempts_left if state.max_attempts > 0 else None
+    delivers = answered.result in ("started", "resent") and state.status == "pending"
+    detail = answered.detail or (state.detail if answered.result in _REFUSALS else "")
     return Reply(request_id=answered.request_id, instance_id=answered.instance_id,
                  command=answered.command, result=answered.result,
                  status=public_status(state), attempts_left=attempts_left,
                  deadline=state.deadline if state.status == "pending" else None,
-                 retry_after=answered.retry_after,
-                 detail=state.detail or None if answered.result in _REFUSALS else None,
-                 locale=state.locale if answered.command == "start" else None)
+                 retry_after=answered.retry_after, detail=detail or None,
+                 locale=state.locale if answered.command == "start" else None,
+                 channel=state.channel if delivers else None,
+                 resends_left=state.resends_left if delivers or (
+                     answered.command == "resend" and state.status == "pending") else None)
 
 
 def outcome_of(state: Verification) -> Outcome:

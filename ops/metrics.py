@@ -30,6 +30,9 @@ outcomes = Counter("phoneverify_outcomes", "Outcomes published, by reason.", ["r
                    registry=REGISTRY)
 sms = Counter("phoneverify_sms", "SMS handed to the provider (sent, failed) and delivery "
               "receipts (delivered, undelivered), by result.", ["result"], registry=REGISTRY)
+deliveries = Counter("phoneverify_deliveries", "Deliveries handed to the provider, by channel "
+                     "(sms, whatsapp, call) and result (sent, failed).", ["channel", "result"],
+                     registry=REGISTRY)
 replies = Counter("phoneverify_replies", "Replies published, by result.", ["result"],
                   registry=REGISTRY)
 pending = Gauge("phoneverify_pending_verifications",

@@ -248,7 +248,8 @@ def _decode(raw: bytes | None) -> dict[str, Any]:
 
 # Pipeline order: when a stage's inputs are all committed, everything it produced is on the
 # next stage's topics (Faust flushes its producer before it commits).
-PIPELINE = ("verification.start", "verification.admission", "verification.admitted",
+PIPELINE = ("verification.start", "verification.resend", "verification.admission",
+            "verification.admitted",
             "verification.response", "verification.terminate", "verification.rerouted",
             "verification.sms", "verification.sms-status")
 

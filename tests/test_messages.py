@@ -249,7 +249,9 @@ def reply(**changes: object) -> Reply:
 def test_reply_has_the_contracts_fields_and_json_types():
     wire = json.loads(reply(deadline=T.replace(microsecond=678901)).to_bytes())
     assert set(wire) >= REPLY_FIELDS
-    assert set(wire) - REPLY_FIELDS <= {"retry_after", "detail", "locale"}  # additions
+    # Additions, never required (channel and resends_left: rules 15 and 16).
+    assert set(wire) - REPLY_FIELDS <= {"retry_after", "detail", "locale", "channel",
+                                        "resends_left"}
     assert wire["request_id"] == "r1"
     assert wire["instance_id"] == "abc"
     assert wire["command"] == "start"

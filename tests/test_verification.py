@@ -27,6 +27,7 @@ from phoneverify.models.verification import (
     CodeRejected,
     Command,
     ConfirmSms,
+    DeliveryFailed,
     Dropped,
     Event,
     Expire,
@@ -268,6 +269,8 @@ def test_stop_terminates():
 def test_fail_sms_for_the_current_command_fails_undeliverable():
     fail = FailSms(instance_id=IID, command_id=CMD, error="unreachable", at=at(2))
     assert decide(fail, given(*started())) == [
+        DeliveryFailed(instance_id=IID, command_id=CMD, channel="sms", error="unreachable",
+                       at=at(2)),
         Failed(instance_id=IID, reason="sms_undeliverable", attempts=0, at=at(2),
                detail="unreachable")]
 
@@ -430,7 +433,8 @@ def test_start_replies_started_with_the_attempts_admitted_and_the_deadline():
     events = decide(start(request_id="s1", max_attempts=3), given())
     assert events == [*started(max_attempts=3), answered("s1", "start", "started", T0)]
     assert replies(start(request_id="s1", max_attempts=3), given()) == [
-        reply("s1", "start", "started", "pending", 3, DEADLINE)]
+        reply("s1", "start", "started", "pending", 3, DEADLINE, channel="sms",
+              resends_left=4)]
 
 
 def test_start_on_a_pending_instance_replies_duplicate_and_sends_nothing():
