@@ -13,10 +13,10 @@ from importlib import import_module
 from typing import Any
 
 _CLIENT = (
-    "BlockedNumber", "InstanceIdInUse", "InvalidInput", "InvalidPhoneNumber",
+    "BlockedNumber", "ChannelUnavailable", "InstanceIdInUse", "InvalidInput", "InvalidPhoneNumber",
     "KafkaUnavailable", "OutcomeTimeout", "RateLimited", "Refused", "ReplyTimeout",
-    "UnknownVerification", "VerificationClient", "VerificationError", "WebhookSignatureError",
-    "verify_webhook",
+    "UnknownVerification", "VerificationClient", "VerificationEnded", "VerificationError",
+    "WebhookSignatureError", "verify_webhook",
 )
 _MESSAGES = ("Outcome", "Reply")
 __all__ = [*_CLIENT, *_MESSAGES]

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter
 
 from phoneverify.models.messages import (
+    Channel,
+    ChannelChoice,
     Digits,
     InstanceId,
     LocaleTag,
@@ -67,6 +69,8 @@ class StartRequest(Body):
         None, description="the language of the message, BCP 47 (fr, pt-BR); absent or "
                           "unknown: Accept-Language, else the number's country, else "
                           "DEFAULT_LOCALE", examples=["fr"])
+    channel: ChannelChoice | None = Field(
+        None, description="sms (default), whatsapp, call, or auto (a call for landlines)")
 
 
 #: ``POST /verifications``: the number as a JSON string (the seed's body), or an object.
@@ -83,6 +87,7 @@ class Started(Body):
                                               "{eventName} placeholder)")
     terminatePostUri: str = Field(description="POST here to end it ({text}: the reason)")
     locale: str | None = Field(None, description="the locale its messages use (rule 18)")
+    channel: Channel | None = Field(None, description="the channel the code went out on")
 
 
 # ---------------------------------------------------------------- one verification
@@ -106,7 +111,12 @@ class VerificationStatus(Body):
     attemptsLeft: int | None
     deadline: str | None = Field(description="until when a code is taken (ISO-8601 UTC)")
     reason: OutcomeReason | None = Field(description="why it concluded")
-    sms: Literal["requested", "sent", "delivered"] | None
+    sms: Literal["requested", "sent", "delivered", "failed"] | None = Field(
+        description="the last delivery's status, whatever its channel")
+    channel: Channel | None = Field(None, description="the last delivery's channel")
+    resendsLeft: int | None = Field(None, description="resends this verification has left")
+    resendAllowedAt: str | None = Field(
+        None, description="when a resend is allowed next (null: none is, or it concluded)")
     terminateReason: str | None = Field(None, description="with Terminated: the reason given")
 
 
@@ -137,6 +147,24 @@ class Concluded(Decided):
     """``410``: the verification had already concluded; nothing changed."""
 
     error: str
+
+
+class ResendRequest(Body):
+    """A resend: the body may be empty, or name the channel (default: the one used last)."""
+
+    channel: ChannelChoice | None = Field(None, description="sms, whatsapp, call or auto")
+
+
+class Resent(Body):
+    """The same code is on its way again (rule 15)."""
+
+    id: str
+    result: Literal["resent"]
+    channel: Channel | None
+    resendsLeft: int | None
+    attemptsLeft: int | None
+    runtimeStatus: RuntimeStatus | None
+    output: bool | None
 
 
 class TerminateQuery(Body):
@@ -175,3 +203,6 @@ class TwilioCallback(Body):
                                            "ignored")
     MessageSid: str | None = None
     ErrorCode: str | None = None
+    CallStatus: str = Field("", description="a call's: completed, no-answer, busy, failed; "
+                                            "others are ignored")
+    CallSid: str | None = None

@@ -28,6 +28,8 @@ examples (a worker running: `make run`, or `phoneverify worker` with Kafka up):
   phoneverify start 4255550143 --id order-17   choose the id (1-64 of A-Z a-z 0-9 . _ -)
   phoneverify start "+33 6 12 34 56 78" --locale de  the SMS in German (else French)
   phoneverify respond order-17 0042            send back the code from the SMS (0042 != 42)
+  phoneverify resend order-17 --channel call   the same code again, read out in a call
+  phoneverify start "+44 20 7946 0958" --channel auto   a landline: the code by a call
   phoneverify watch --id order-17              wait for its outcome; exit 0 if verified
   phoneverify status order-17 --json           ask a worker's HTTP API (needs API_KEY)
   phoneverify terminate order-17 --reason "user left"
@@ -40,8 +42,9 @@ send). exit codes:
   2  invalid input or usage: a bad id or code, a number the service holds invalid or does
      not serve
   3  no answer: a timeout, Kafka or the worker unreachable (a command may still take effect)
-  4  refused: the id is in use, too many starts for the number, no such verification, or it
-     had already ended (nothing changed)
+  4  refused: the id is in use, too many starts for the number, no such verification, it
+     had already ended (nothing changed), a resend too soon or none left, or a channel
+     that cannot reach the number
 
 --json prints one JSON document per result (the service's reply; JSON lines for watch).
 """
@@ -93,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--locale", metavar="TAG",
                        help="the SMS's language, BCP 47 (fr, pt-BR; default: the number's "
                             "country's, else $DEFAULT_LOCALE)")
+    channels = ("sms", "whatsapp", "call", "auto")
+    start.add_argument("--channel", choices=channels, default=None,
+                       help="how the code goes out (default sms; auto: a call for landlines)")
+
+    resend = command("resend", "send the same code again (deadline and attempts unchanged)",
+                     [commands], "phoneverify resend signup-42 --channel call")
+    resend.add_argument("instance_id", metavar="ID", help=ident)
+    resend.add_argument("--channel", choices=channels, default=None,
+                        help="sms, whatsapp, call or auto (default: the channel used last)")
 
     respond = command("respond", "send back the code the SMS carried", [commands],
                       "phoneverify respond signup-42 0042")
@@ -270,12 +282,13 @@ async def cmd_start(args: argparse.Namespace) -> int:
                 iid = await client.send_start(args.phone, args.instance_id, locale=args.locale)
                 return _sent(args, iid, f"Start of {iid} sent (not waiting for the answer).")
             reply = await client.start(args.phone, args.instance_id, locale=args.locale,
+                                       channel=args.channel,
                                        timeout=args.timeout)
         iid = reply.instance_id
         if args.json:
             print(reply.model_dump_json(), flush=True)
         elif reply.status == "pending":
-            print(f"Started verification {iid}: an SMS with a code is on its way; "
+            print(f"Started verification {iid}: {_by(reply.channel)} with a code is on its way; "
                   f"{_attempts(reply.attempts_left)} until {_clock(reply.deadline)}.\n"
                   f"  send the code back: phoneverify respond {iid} CODE\n"
                   f"  wait for the outcome: phoneverify watch --id {iid}")
@@ -338,6 +351,29 @@ async def cmd_terminate(args: argparse.Namespace) -> int:
         return OK
 
     return await _kafka(run, args.json)
+
+
+async def cmd_resend(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with _client(args) as client:
+            if args.no_wait:
+                await client.send_resend(args.instance_id, args.channel)
+                return _sent(args, args.instance_id, f"Resend of {args.instance_id} sent "
+                                                     "(not waiting for the answer).")
+            reply = await client.resend(args.instance_id, args.channel, timeout=args.timeout)
+        if args.json:
+            print(reply.model_dump_json(), flush=True)
+        left = reply.resends_left
+        _say(args, f"Resent {reply.instance_id}: {_by(reply.channel)} with the same code is on "
+                   f"its way; {left} resend{'' if left == 1 else 's'} left, the code is good "
+                   f"until {_clock(reply.deadline)}.")
+        return OK
+
+    return await _kafka(run, args.json)
+
+
+def _by(channel: str | None) -> str:
+    return {"call": "a call", "whatsapp": "a WhatsApp message"}.get(channel or "", "an SMS")
 
 
 def _sent(args: argparse.Namespace, iid: str, message: str) -> int:
@@ -554,6 +590,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], Awaitable[int]]] = {
     "start": cmd_start,
     "respond": cmd_respond,
     "terminate": cmd_terminate,
+    "resend": cmd_resend,
     "status": cmd_status,
     "watch": cmd_watch,
 }

@@ -9,14 +9,17 @@ idempotent producer (``acks="all"``), keyed by the instance id. Each command car
         reply = await client.submit_code(started.instance_id, "0042")  # leading zeros count
         print(reply.result, reply.attempts_left)        # verified | wrong_code | ...
         outcome = await client.wait_for_outcome(started.instance_id, timeout=120)
+        again = await client.resend(started.instance_id, channel="call")  # the same code
+
 
     async with VerificationClient() as client, client.outcomes() as stream:
         async for outcome in stream:                    # every outcome from now on
             ...
 
 Refusals raise :class:`Refused` subclasses (:class:`InstanceIdInUse`, :class:`RateLimited`,
-:class:`InvalidPhoneNumber`, :class:`BlockedNumber`, :class:`UnknownVerification`), each with
-its ``reply``. No answer in time raises :class:`ReplyTimeout`: the command may still take
+:class:`InvalidPhoneNumber`, :class:`BlockedNumber`, :class:`ChannelUnavailable`,
+:class:`UnknownVerification`, and for a resend :class:`VerificationEnded`), each with its
+``reply``. No answer in time raises :class:`ReplyTimeout`: the command may still take
 effect. ``send_start``, ``send_code`` and ``send_terminate`` send without waiting.
 Input is checked here, before anything is sent (:class:`InvalidInput`); the service checks it
 again.
@@ -28,6 +31,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -42,9 +46,11 @@ from phoneverify.models import fraud, phone
 from phoneverify.models.fraud import FraudBlock
 from phoneverify.models.messages import (
     INSTANCE_ID,
+    ChannelChoice,
     Message,
     Outcome,
     Reply,
+    ResendCode,
     StartVerification,
     SubmitCode,
     Terminate,
@@ -102,6 +108,15 @@ class NotBlocked(VerificationError, LookupError):
     """No fraud block is in force for this key: nothing was unblocked."""
 
 
+class ChannelUnavailable(Refused):
+    """The channel asked for is not offered, or cannot reach this number; nothing was sent.
+    ``reply.detail`` names the channels that would work."""
+
+
+class VerificationEnded(Refused):
+    """A resend for a verification that had already concluded: nothing was sent."""
+
+
 class ReplyTimeout(VerificationError, TimeoutError):
     """No reply in time: the command is in Kafka and may still take effect."""
 
@@ -157,7 +172,7 @@ def verify_webhook(body: bytes | str, signature: str, secret: bytes | str,
 _REFUSALS: dict[str, type[Refused]] = {
     "duplicate": InstanceIdInUse, "rate_limited": RateLimited,
     "invalid_phone_number": InvalidPhoneNumber, "blocked_number": BlockedNumber,
-    "unknown": UnknownVerification,
+    "unknown": UnknownVerification, "channel_unavailable": ChannelUnavailable,
 }
 
 
@@ -182,10 +197,20 @@ def explain_refusal(reply: Reply) -> str:
     match reply.result:
         case "duplicate":
             return f"the id {iid} is already in use (status {reply.status}); no SMS was sent"
+        case "rate_limited" if reply.command == "resend":
+            wait = ("no resend is left" if reply.retry_after is None
+                    else f"retry in {max(1, math.ceil(reply.retry_after))} s")
+            why = f" ({reply.detail})" if reply.detail else ""
+            return f"not resent{why}: {wait}; nothing was sent"
         case "rate_limited":
             wait = "" if reply.retry_after is None else f"; retry in {reply.retry_after:.0f} s"
             why = reply.detail or "too many verifications for this number lately"
             return f"{why}{wait}; no SMS was sent"
+        case "channel_unavailable":
+            return f"{reply.detail or 'that channel is not available'}; nothing was sent"
+        case "ended":
+            return (f"verification {iid} had already concluded ({reply.status}); "
+                    "nothing was sent")
         case "invalid_phone_number":
             return f"{reply.detail or 'not a valid phone number'}; no SMS was sent"
         case "blocked_number":
@@ -250,7 +275,8 @@ class VerificationClient:
 
     async def start(self, phone_number: str, instance_id: str | None = None, *,
                     locale: str | None = None, accept_language: str | None = None,
-                    timeout: float | None = None, client_ip: str | None = None) -> Reply:
+                    timeout: float | None = None, client_ip: str | None = None,
+                    channel: ChannelChoice | None = None) -> Reply:
         """Start a verification of ``phone_number``; returns once it is started.
 
         The reply has the ``instance_id`` (a new UUID4 hex if none is given), the
@@ -262,11 +288,31 @@ class VerificationClient:
         :class:`InstanceIdInUse`, :class:`RateLimited`, :class:`InvalidPhoneNumber` or
         :class:`BlockedNumber` when it is refused: then no SMS was sent. ``client_ip``, the
         address of the person's client, puts the start under the per-address limit
-        (``HTTP_STARTS_PER_IP``).
+        (``HTTP_STARTS_PER_IP``). ``channel`` is ``sms`` (the default), ``whatsapp``, ``call``
+        or ``auto`` (a call for landlines); :class:`ChannelUnavailable` when it cannot reach
+        the number (``reply.detail`` names the channels that would). ``reply.channel`` is the
+        channel used.
         """
         message = self._start_message(phone_number, instance_id, locale=locale,
-                                      accept_language=accept_language, client_ip=client_ip)
+                                      accept_language=accept_language, client_ip=client_ip,
+                                      channel=channel)
         return await self._ask(self.names.start, message, timeout)
+
+    async def resend(self, instance_id: str, channel: ChannelChoice | None = None, *,
+                     timeout: float | None = None) -> Reply:
+        """Send the same code again (the deadline and attempts do not change), over
+        ``channel`` (default: the one used last); ``reply.channel`` and
+        ``reply.resends_left`` say how it went.
+
+        Raises :class:`RateLimited` when it is too soon or none is left (``retry_after``:
+        seconds until one is allowed, ``None`` when none is left), :class:`ChannelUnavailable`,
+        :class:`VerificationEnded` (it had concluded) or :class:`UnknownVerification`.
+        """
+        reply = await self._ask(self.names.resend, self._resend_message(instance_id, channel),
+                                timeout)
+        if reply.result == "ended":
+            raise VerificationEnded(explain_refusal(reply), reply)
+        return reply
 
     async def submit_code(self, instance_id: str, code: str, *,
                           timeout: float | None = None) -> Reply:
@@ -298,6 +344,10 @@ class VerificationClient:
     async def send_code(self, instance_id: str, code: str) -> None:
         """Send a code without waiting for its answer."""
         await self._send(self.names.response, self._code_message(instance_id, code))
+
+    async def send_resend(self, instance_id: str, channel: ChannelChoice | None = None) -> None:
+        """Send a resend without waiting for its answer."""
+        await self._send(self.names.resend, self._resend_message(instance_id, channel))
 
     async def send_terminate(self, instance_id: str, reason: str = "") -> None:
         """Send a terminate without waiting for its answer."""
@@ -356,8 +406,8 @@ class VerificationClient:
 
     def _start_message(self, phone_number: str, instance_id: str | None,
                        request_id: str | None = None, *, locale: str | None = None,
-                       accept_language: str | None = None, client_ip: str | None = None
-                       ) -> StartVerification:
+                       accept_language: str | None = None, client_ip: str | None = None,
+                       channel: str | None = None) -> StartVerification:
         iid = uuid.uuid4().hex if instance_id is None else check_instance_id(instance_id)
         if not isinstance(phone_number, str):
             raise InvalidInput("phone_number must be a string")
@@ -366,7 +416,12 @@ class VerificationClient:
         except phone.InvalidPhoneNumber as error:
             raise InvalidInput(f"phone_number: {error}") from None
         return _validated(StartVerification, instance_id=iid, phone_number=e164, locale=locale,
-                          accept_language=accept_language, client_ip=client_ip)
+                          accept_language=accept_language, client_ip=client_ip,
+                          channel=channel)
+
+    def _resend_message(self, instance_id: str, channel: str | None) -> ResendCode:
+        check_instance_id(instance_id)
+        return _validated(ResendCode, instance_id=instance_id, channel=channel)
 
     def _code_message(self, instance_id: str, code: str) -> SubmitCode:
         check_instance_id(instance_id)
@@ -509,7 +564,7 @@ class VerificationClient:
 
 def _command_name(topic: str, names: Names) -> str:
     return {names.start: "the start", names.response: "the code",
-            names.terminate: "the terminate"}.get(topic, topic)
+            names.terminate: "the terminate", names.resend: "the resend"}.get(topic, topic)
 
 
 class _Replies:

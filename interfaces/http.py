@@ -4,6 +4,9 @@
     GET  /verifications/{id}                                  status    -> 202 | 200 | 400 | 404
     POST /verifications/{id}/raiseEvent/SmsChallengeResponse  the code  -> 202 | 404 | 410
     POST /verifications/{id}/terminate?reason=...             terminate -> 202 | 404 | 410
+    POST /verifications/{id}/resend  {"channel"?}             resend    -> 202 | 404 | 409
+                                                                           | 410 | 429
+    (and .../raiseEvent/ResendCode, the seed-style resend)
 
 and the same under the seed's own paths (``POST /orchestrators/E4_SmsPhoneVerification``,
 ``/admin/extensions/DurableTaskExtension/instances/{id}``...), so its requests paste unchanged,
@@ -56,6 +59,8 @@ from phoneverify.interfaces.bodies import (
     Decided,
     Liveness,
     Readiness,
+    ResendRequest,
+    Resent,
     SeedQuery,
     SeedTerminateQuery,
     Started,
@@ -83,6 +88,9 @@ from phoneverify.topics import partition_for
 log = logging.getLogger("phoneverify.http")
 
 EVENT = "SmsChallengeResponse"
+#: The seed-style event that asks for the code again (rule 15).
+RESEND = "ResendCode"
+CHANNEL_CHOICES = ("sms", "whatsapp", "call", "auto")
 SEED = "/admin/extensions/DurableTaskExtension/instances"
 #: The same instance routes under the path today's Durable Functions documents.
 WEBHOOKS = "/runtime/webhooks/durabletask/instances"
@@ -168,9 +176,11 @@ class Start(ApiView):
         address = client_ip(request)
         reply = await _ask(lambda c: c.start(
             start.phone_number, start.instance_id or uuid.uuid4().hex, locale=start.locale,
-            accept_language=request.headers.get("Accept-Language"), client_ip=address))
+            accept_language=request.headers.get("Accept-Language"), client_ip=address,
+            channel=start.channel))
         uris = _uris(request, reply.instance_id, seed=self.seed)
-        answer = Started(**uris.dump(), locale=reply.locale)  # rule 18: the locale used
+        # The locale (rule 18) and the channel (rule 16) used.
+        answer = Started(**uris.dump(), locale=reply.locale, channel=reply.channel)
         return self.json(answer.dump(), status=202, headers={"Location": uris.statusQueryGetUri})
 
 
@@ -190,6 +200,7 @@ def _start_request(body: Any) -> StartRequest:
 
 #: Words for what pydantic says in its own terms, by field.
 HINTS = {"instance_id": "use 1 to 64 characters of A-Z a-z 0-9 . _ -",
+         "channel": f"use one of {', '.join(CHANNEL_CHOICES)}",
          "reason": "at most 500 characters"}
 
 
@@ -281,20 +292,26 @@ def _self_uri(request: web.Request) -> str:
 
 
 class RaiseEvent(ApiView):
-    """``POST`` the code: a JSON string of digits, or a JSON number as in the seed."""
+    """``POST`` the code: a JSON string of digits, or a JSON number as in the seed; or, as the
+    event ``ResendCode``, a resend (rule 15)."""
 
     @openapi.operation(
         "Submit the code (event SmsChallengeResponse)", body=CODE_BODY, query=SeedQuery,
-        path={"event_name": {"type": "string", "enum": [EVENT], "description": "the event"}},
+        path={"event_name": {"type": "string", "enum": [EVENT, RESEND],
+                             "description": f"the event ({RESEND}: a resend, as POST "
+                                            ".../resend)"}},
         description=f"The event name must be {EVENT}; the body the code, as a JSON string of "
                     "digits (leading zeros count) or a JSON number (left-padded with zeros).",
         responses={202: Decided, 404: ApiError, 410: Concluded, **OWNED_ERRORS,
                    **WRITE_ERRORS})
     async def post(self, request: web.Request, instance_id: str,
                    event_name: str) -> web.Response:
+        if event_name == RESEND:
+            return await _owned(request, instance_id,
+                                lambda: _resend(self, request, instance_id))
         if event_name != EVENT:
             raise HttpError(400, f"unknown event {event_name!r}: a verification waits for "
-                                 f"{EVENT}")
+                                 f"{EVENT} (or {RESEND})")
         return await _owned(request, instance_id, lambda: self._code(request, instance_id))
 
     async def _code(self, request: web.Request, instance_id: str) -> web.Response:
@@ -329,6 +346,37 @@ class TerminateView(ApiView):
         return _answer(self, reply)
 
 
+class ResendView(ApiView):
+    """``POST`` (body empty or ``{"channel": ...}``): the same code again (rule 15)."""
+
+    @openapi.operation(
+        "Send the same code again, over the same channel or another", body=ResendRequest,
+        description="The deadline and attempts do not change. Refused with 429 (Retry-After: "
+                    "seconds until allowed; none when no resend is left) when too soon, none "
+                    "is left or the number's limit is reached, 409 for a channel that cannot "
+                    "reach the number (the error names those that would).",
+        responses={202: Resent, 404: ApiError, 409: ApiError, 410: ApiError, 429: ApiError,
+                   **OWNED_ERRORS, **WRITE_ERRORS},
+        headers={429: {"Retry-After": "seconds until a resend is allowed"}})
+    async def post(self, request: web.Request, instance_id: str) -> web.Response:
+        return await _owned(request, instance_id, lambda: _resend(self, request, instance_id))
+
+
+async def _resend(view: web.View, request: web.Request, instance_id: str) -> web.Response:
+    """202 with the channel and the resends left; 429 (Retry-After) too soon or none left;
+    409 a channel that cannot reach the number; 404 unknown; 410 concluded."""
+    body = await _json_body(request) if await _body(request) else {}
+    if not isinstance(body, dict):
+        raise HttpError(400, 'the body must be empty or an object {"channel": "call"}')
+    asked: ResendRequest = _parse(ResendRequest, body)
+    _started(instance_id)
+    reply = await _ask(lambda c: c.resend(instance_id, asked.channel))
+    return view.json(Resent(id=reply.instance_id, result="resent", channel=reply.channel,
+                            resendsLeft=reply.resends_left, attemptsLeft=reply.attempts_left,
+                            runtimeStatus=RUNTIME[reply.status],
+                            output=OUTPUT[reply.status]).dump(), status=202)
+
+
 def _started(instance_id: str) -> Stored:
     """The verification, or 404 if it never started (or is no longer kept)."""
     stored = current(instance_id.encode())
@@ -356,7 +404,7 @@ OUTPUT = {"pending": None, "verified": True, "failed": False, "terminated": Fals
 
 
 SMS_STATES = {"none": None, "requested": "requested", "accepted": "sent",
-              "delivered": "delivered"}
+              "delivered": "delivered", "failed": "failed"}
 
 
 def status_of(state: Verification) -> VerificationStatus:
@@ -378,6 +426,10 @@ def status_of(state: Verification) -> VerificationStatus:
         deadline=_iso(state.deadline),
         reason=state.reason,
         sms=SMS_STATES[state.sms],
+        # Rules 15-16: the last delivery's channel, the resends left and when one is allowed.
+        channel=state.channel,
+        resendsLeft=state.resends_left if state.status == "pending" else 0,
+        resendAllowedAt=_iso(state.resend_at),
         **({"terminateReason": state.detail} if state.status == "terminated" else {}),
     )
 
@@ -423,12 +475,18 @@ def _refusal(reply: Reply) -> HttpError:
     match result:
         case "duplicate":
             return HttpError(409, why, result=result, id=reply.instance_id)
+        case "rate_limited" if reply.command == "resend" and reply.retry_after is None:
+            return HttpError(429, why, result=result, retryAfter=None)  # none is left
         case "rate_limited":
             retry = max(1, math.ceil(reply.retry_after or 1))
             return HttpError(429, why, headers={"Retry-After": str(retry)}, result=result,
                              retryAfter=retry)
         case "unknown":
             return HttpError(404, why, result=result)
+        case "channel_unavailable":
+            return HttpError(409, why, result=result)
+        case "ended":
+            return HttpError(410, why, result=result, runtimeStatus=RUNTIME[reply.status])
     return HttpError(400, why, result=result)  # an invalid or blocked number
 
 
@@ -551,8 +609,10 @@ class TwilioReceipt(web.View):
     """``POST /twilio/status``: Twilio's delivery receipts (status callbacks), signed with the
     account's auth token in ``X-Twilio-Signature`` (403 when it does not match).
 
-    ``delivered`` records the SMS as delivered; ``undelivered`` or ``failed`` fails the
-    verification at once (``sms_undeliverable``); other statuses change nothing (204).
+    ``delivered`` (a call: ``completed``) records the delivery as delivered; ``undelivered``
+    or ``failed`` (a call: ``no-answer``, ``busy``, ``failed``) fails it for good: the next
+    fallback channel goes out, or the verification fails (``sms_undeliverable``) when none is
+    left; other statuses change nothing (204).
     """
 
     @openapi.operation(
@@ -579,23 +639,14 @@ class TwilioReceipt(web.View):
         iid, command_id = request.query.get("instance_id", ""), request.query.get("command_id")
         if not INSTANCE_ID.fullmatch(iid) or not command_id:
             return self.error(400, "the callback URL must name instance_id and command_id")
-        callback = TwilioCallback.model_validate(params)
-        status, sid = callback.MessageStatus, callback.MessageSid
-        record: SmsSent | SmsFailed
-        if status == "delivered":
-            record = SmsSent(command_id=command_id, instance_id=iid, provider_id=sid,
-                             receipt="delivered")
-        elif status in ("undelivered", "failed"):
-            error = callback.ErrorCode or "no error code"
-            record = SmsFailed(command_id=command_id, instance_id=iid, permanent=True,
-                               error=f"twilio receipt: {status} (error {error})")
-        else:
-            return aioweb.Response(status=204)  # queued, sent, sending...: nothing to record
+        record, status = receipt(TwilioCallback.model_validate(params), iid, command_id)
+        if record is None:
+            return aioweb.Response(status=204)  # queued, sent, ringing...: nothing to record
         key = iid.encode()
         sent = await app.producer.send(names.sms_status, key, record.to_bytes(),
                                        partition_for(key, settings.partitions), None, None)
         await sent
-        metrics.sms.labels(status if status != "failed" else "undelivered").inc()
+        metrics.sms.labels(status).inc()
         return aioweb.Response(status=204)
 
 
@@ -660,6 +711,35 @@ def _version() -> str:
         return "0"
 
 
+#: A call's final statuses that mean nobody heard the code.
+CALL_FAILED = ("no-answer", "busy", "failed", "canceled")
+
+
+def receipt(callback: TwilioCallback, iid: str,
+            command_id: str) -> tuple[SmsSent | SmsFailed | None, str]:
+    """The status record a callback stands for, and its metric label: a message's receipt
+    (``MessageStatus``) or a call's final status (``CallStatus``: ``completed`` is delivered,
+    ``no-answer``, ``busy``, ``failed`` take the same fallback path as an undelivered SMS)."""
+    if callback.CallStatus:
+        status, sid = callback.CallStatus, callback.CallSid
+        if status == "completed":
+            return SmsSent(command_id=command_id, instance_id=iid, provider_id=sid,
+                           receipt="delivered"), "delivered"
+        if status in CALL_FAILED:
+            return SmsFailed(command_id=command_id, instance_id=iid, permanent=True,
+                             error=f"call status: {status}"), "undelivered"
+        return None, ""
+    status, sid = callback.MessageStatus, callback.MessageSid
+    if status == "delivered":
+        return SmsSent(command_id=command_id, instance_id=iid, provider_id=sid,
+                       receipt="delivered"), "delivered"
+    if status in ("undelivered", "failed"):
+        error = callback.ErrorCode or "no error code"
+        return SmsFailed(command_id=command_id, instance_id=iid, permanent=True,
+                         error=f"twilio receipt: {status} (error {error})"), "undelivered"
+    return None, ""
+
+
 metrics.watch_lag(lambda: app.monitor)
 
 
@@ -704,6 +784,7 @@ API = (
     (f"{SEED}/{{instance_id}}/raiseEvent/{{event_name}}",
      type("SeedRaiseEvent", (RaiseEvent,), {})),
     ("/verifications/{instance_id}/terminate", TerminateView),
+    ("/verifications/{instance_id}/resend", ResendView),
     (f"{SEED}/{{instance_id}}/terminate", type("SeedTerminate", (TerminateView,), {})),
     (f"{WEBHOOKS}/{{instance_id}}", type("WebhookStatus", (Status,), {})),
     (f"{WEBHOOKS}/{{instance_id}}/raiseEvent/{{event_name}}",

@@ -1,4 +1,5 @@
-"""A local fake of Twilio's Messages endpoint, for tests that must never reach the internet.
+"""A local fake of Twilio's Messages and Calls endpoints, for tests that must never reach the
+internet (a call records its TwiML as its body).
 
 ``POST /2010-04-01/Accounts/{sid}/Messages.json`` answers as Twilio does: 201 with a message
 resource, 400 (code 21211) for a number in ``invalid_numbers``, 401 (20003) for wrong
@@ -55,6 +56,8 @@ class Received:
     sid: str | None = None
     #: Where the sender asked Twilio to post delivery receipts (``StatusCallback``).
     status_callback: str | None = None
+    #: ``message`` (Messages.json) or ``call`` (Calls.json, its TwiML in ``body``).
+    kind: str = "message"
 
 
 class FakeTwilio:
@@ -102,7 +105,12 @@ class FakeTwilio:
     @property
     def messages(self) -> list[Received]:
         """The requests that created a message (201): what phones would have received."""
-        return [request for request in self.requests if request.status == 201]
+        return [r for r in self.requests if r.status == 201 and r.kind == "message"]
+
+    @property
+    def calls(self) -> list[Received]:
+        """The requests that created a call (201), each with its TwiML as ``body``."""
+        return [r for r in self.requests if r.status == 201 and r.kind == "call"]
 
     def wait_for_messages(self, count: int, timeout: float) -> list[Received]:
         """Block until ``count`` messages were accepted (fake in its own thread only)."""
@@ -115,9 +123,13 @@ class FakeTwilio:
 
     # The endpoint.
 
-    async def _create_message(self, request: web.Request) -> web.Response:
+    async def _create_call(self, request: web.Request) -> web.Response:
+        return await self._create_message(request, kind="call")
+
+    async def _create_message(self, request: web.Request, kind: str = "message") -> web.Response:
         form = await request.post()
-        to, from_, body = (str(form.get(key, "")) for key in ("To", "From", "Body"))
+        to, from_, body = (str(form.get(key, "")) for key in (
+            "To", "From", "Twiml" if kind == "call" else "Body"))
         auth = _basic_auth(request.headers.get("Authorization", ""))
         sid = request.match_info["sid"]
         with self._lock:
@@ -127,20 +139,25 @@ class FakeTwilio:
                 status = self._failures.popleft()
             elif self._always is not None:
                 status = self._always
-            elif to in self.invalid_numbers or not to.startswith("+"):
+            elif to.removeprefix("whatsapp:") in self.invalid_numbers or not (
+                    to.removeprefix("whatsapp:").startswith("+")):
                 status = 400
             else:
                 status = 201
-            message_sid = f"SM{next(self._sids):032x}" if status == 201 else None
+            prefix = "CA" if kind == "call" else "SM"
+            message_sid = f"{prefix}{next(self._sids):032x}" if status == 201 else None
             callback = str(form["StatusCallback"]) if "StatusCallback" in form else None
             self._requests.append(Received(sid, to, from_, body, auth, status, message_sid,
-                                           callback))
+                                           callback, kind))
         if status == _STALL:
             assert self._stopping is not None
             await self._stopping.wait()
             status = 503
         if message_sid is not None:
-            return web.json_response(_message(sid, message_sid, to, from_, body), status=201)
+            resource = _message(sid, message_sid, to, from_, body)
+            if kind == "call":
+                resource["uri"] = resource["uri"].replace("/Messages/", "/Calls/")
+            return web.json_response(resource, status=201)
         code, text = _ERRORS.get(status, (status, "Error"))
         return web.json_response({"code": code, "message": text.format(to=to),
                                   "more_info": f"https://www.twilio.com/docs/errors/{code}",
@@ -151,6 +168,7 @@ class FakeTwilio:
     async def start(self) -> FakeTwilio:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create_message)
+        app.router.add_post("/2010-04-01/Accounts/{sid}/Calls.json", self._create_call)
         self._stopping = asyncio.Event()
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

@@ -124,3 +124,82 @@ async def test_replay_reports_a_difference(deployment: Deployment, start_worker)
         report = await replay(deployment.app_settings())
         assert not report.ok
         assert any(iid in problem for problem in report.problems)
+
+
+def digits(body: str) -> str:
+    """The code in a delivery's body: one run of digits, or a call's digits said twice."""
+    runs = "".join(ch for ch in body if ch.isdigit())
+    return runs[: len(runs) // 2] if ", " in body else runs
+
+
+async def test_sigkill_with_resends_and_fallbacks_keeps_one_code_and_each_command_once(
+        deployment: Deployment, start_worker) -> None:
+    n = 200
+    env = {**ENV, "RESEND_INTERVAL_SECONDS": "0", "RESEND_LIMIT": "2",
+           "FALLBACK_CHANNELS": "call", "RATE_LIMIT_STARTS": "10"}
+    worker = start_worker("first", **env)
+    ids = [uuid.uuid4().hex for _ in range(n)]
+    codes = {iid: draw_code(TEST_CODE_KEY.encode(), iid, 4) for iid in ids}
+    failing = set(ids[::2])  # their resend fails for good: a call follows
+
+    def commands(records: list[dict[str, Any]]) -> dict[str, set[str]]:
+        return {iid: {r["command_id"] for r in copies}
+                for iid, copies in by_instance(records).items()}
+
+    async with Client(deployment) as client:
+        for i, iid in enumerate(ids):
+            await client.send("verification.start", {"instance_id": iid,
+                                                     "phone_number": f"+1425556{i:04d}",
+                                                     "request_id": f"s-{iid}"})
+            await client.send("verification.resend", {"instance_id": iid,
+                                                      "request_id": f"r-{iid}"})
+        await client.read("verification.sms", lambda r: len(r) >= n // 2)
+        worker.kill()
+        worker = start_worker("first", **env)  # the same local store
+        await client.read("verification.sms", lambda r: sum(
+            len(c) == 2 for c in commands(r).values()) == n, timeout=180)
+        for iid in failing:
+            await client.send("verification.sms-status", {
+                "type": "sms_failed", "command_id": f"{iid}/sms/2", "instance_id": iid,
+                "error": "twilio receipt: undelivered (error 30003)"})
+        await client.read("verification.sms", lambda r: sum(
+            r_["channel"] == "call" for r_ in r) >= len(failing) // 4, timeout=120)
+        worker.kill()
+        start_worker("second", **env)  # an empty local store
+
+        sms = await client.read("verification.sms", lambda r: sum(
+            len(c) == 3 for c in commands(r).values()) == len(failing), timeout=180)
+        for iid, copies in by_instance(sms).items():
+            expected = {f"{iid}/sms/1", f"{iid}/sms/2"} | (
+                {f"{iid}/call/3"} if iid in failing else set())
+            assert {c["command_id"] for c in copies} == expected
+            assert {digits(c["body"]) for c in copies} == {codes[iid]}  # one code
+            by_command = defaultdict(list)
+            for copy in copies:
+                by_command[copy["command_id"]].append(copy)
+            assert all(all(c == cs[0] for c in cs) for cs in by_command.values())
+
+        for iid in ids:
+            await client.send("verification.response", {"instance_id": iid, "code": codes[iid],
+                                                        "request_id": f"v-{iid}"})
+        outcomes = by_instance(await client.read(
+            "verification.outcome", lambda r: len(by_instance(r)) == n, timeout=120))
+        assert all(c[0]["verified"] and all(x == c[0] for x in c) for c in outcomes.values())
+        replies = defaultdict(list)
+        for reply in await client.read(
+                "verification.replies", lambda r: len({x["request_id"] for x in r}) == 3 * n,
+                timeout=120):
+            replies[reply["request_id"]].append(reply)
+        for iid in ids:
+            for request, result in ((f"s-{iid}", "started"), (f"r-{iid}", "resent"),
+                                    (f"v-{iid}", "verified")):
+                copies = replies[request]
+                assert all(copy == copies[0] for copy in copies), copies
+                assert copies[0]["result"] == result, copies[0]
+        print(f"\n{n} verifications with a resend each and {len(failing)} fallbacks, 2 kills: "
+              f"{len(sms) - (2 * n + len(failing))} duplicate delivery commands (identical), "
+              f"{sum(len(c) - 1 for c in replies.values())} duplicate replies")
+
+    report = await replay(deployment.app_settings())
+    assert report.problems == []
+    assert report.rebuilt == report.live == report.matching == n

@@ -181,3 +181,37 @@ async def test_wrong_key_refusals_wrong_codes_and_cancel(page, deployment: Deplo
     await expect(page.get_by_test_id("start-message")).to_have_text(re.compile(
         r"^Not started: too many verifications for this number lately; no SMS was sent\. "
         r"You can try again in \d+ seconds \(about 10 minutes\)\.$"))
+
+
+# ---------------------------------------------------------------- resend (rule 15)
+
+
+async def test_resend_waits_with_a_countdown_then_calls_with_the_same_code(
+        page, deployment: Deployment, start_worker):
+    worker = start_worker(RESEND_INTERVAL_SECONDS="4", RESEND_LIMIT="1")
+    await open_page(page, worker, "test-api-key")
+    iid = await start(page, "+1 425-555-0180")
+    assert await page.get_by_test_id("code").get_attribute("autocomplete") == "one-time-code"
+    resend, call = page.get_by_test_id("resend"), page.get_by_test_id("call-instead")
+    await expect(resend).to_have_text(re.compile(r"^Send the code again \(in \d seconds?\)$"))
+    await expect(resend).to_be_disabled()
+    await expect(call).to_be_disabled()
+
+    await expect(call).to_be_enabled()  # the interval has passed
+    await expect(resend).to_have_text("Send the code again")
+    await call.click()
+    await expect(page.get_by_test_id("resend-message")).to_have_text(
+        "Sent again by a phone call, the same code: 0 resends left.")
+    await expect(resend).to_have_text("No resends left")
+    await expect(resend).to_be_disabled()
+    await expect(call).to_be_disabled()
+
+    async with Client(deployment) as kafka:
+        sms, spoken = await kafka.read("verification.sms", lambda r: len(r) >= 2, key=iid)
+    code = re.search(r"\d+", sms["body"]).group()
+    assert spoken["channel"] == "call" and ", ".join(code) in spoken["body"]
+    await page.get_by_label("Code you received by SMS", exact=True).fill(code)
+    await page.get_by_test_id("send-code").click()
+    await expect(page.get_by_test_id("outcome")).to_contain_text("verified")
+    await expect(resend).to_have_text("Send the code again")
+    await expect(resend).to_be_disabled()
