@@ -147,7 +147,8 @@ async def test_start_to_verified_with_a_numeric_code(deployment, start_worker, h
     assert body == {"id": iid, "statusQueryGetUri": status_url,
                     "sendEventPostUri": f"{status_url}/raiseEvent/SmsChallengeResponse",
                     "terminatePostUri": f"{status_url}/terminate?reason={{text}}",
-                    "locale": "en"}  # rule 18: the locale used (a US number: English)
+                    "locale": "en",  # rule 18: the locale used (a US number: English)
+                    "channel": "sms"}  # the channel used (rule 16)
     assert headers["Location"] == status_url
     # 202 means started: the status answers at once (as in the seed), no 404 first; and as
     # Durable Functions answers, 202 with a Location while it runs.
