@@ -196,8 +196,12 @@ async def test_sigkill_with_resends_and_fallbacks_keeps_one_code_and_each_comman
                 copies = replies[request]
                 assert all(copy == copies[0] for copy in copies), copies
                 assert copies[0]["result"] == result, copies[0]
+        printed = sum(len(re.findall(r"\[(?:sms|call) to \S+ for [0-9a-f]{32}\]", (
+            deployment.tmp / f"worker-{name}.log").read_text())) for name in ("first", "second"))
         print(f"\n{n} verifications with a resend each and {len(failing)} fallbacks, 2 kills: "
               f"{len(sms) - (2 * n + len(failing))} duplicate delivery commands (identical), "
+              f"{printed - (2 * n + len(failing))} deliveries printed again by the console "
+              f"(a sender killed between sending and recording), "
               f"{sum(len(c) - 1 for c in replies.values())} duplicate replies")
 
     report = await replay(deployment.app_settings())
