@@ -68,6 +68,9 @@ CATALOGUE: dict[str, Topic] = {
                            INSTANCE_KEY, (CLIENTS,), (SERVICE,)),
     topics.TERMINATE: Topic("End a verification now.", {"Terminate": m.Terminate},
                             INSTANCE_KEY, (CLIENTS,), (SERVICE,)),
+    topics.RESEND: Topic("Send the same code again, over the same channel or another "
+                         "(rule 15).", {"ResendCode": m.ResendCode}, INSTANCE_KEY,
+                         (CLIENTS,), (SERVICE,)),
     topics.TICK: Topic("The clock: one tick to every partition each TICK_INTERVAL_SECONDS.",
                        {"Tick": m.Tick}, TICK_KEY, (SERVICE,), (SERVICE,)),
     topics.SMS: Topic("Deliveries to make: the only topic that carries plain codes (kept "
@@ -88,15 +91,18 @@ CATALOGUE: dict[str, Topic] = {
                               (SERVICE,), (CLIENTS,)),
     topics.REPLIES: Topic("One reply per command that carried a request_id.",
                           {"Reply": m.Reply}, INSTANCE_KEY, (SERVICE,), (CLIENTS,)),
-    topics.ADMISSION: Topic("Internal: per number, parsed starts, settlements and ticks.",
-                            {"PhoneStart": m.PhoneStart, "Settle": m.Settle, "Tick": m.Tick},
+    topics.ADMISSION: Topic("Internal: per number, parsed starts, resends and fallbacks to "
+                            "admit, settlements and ticks.",
+                            {"PhoneStart": m.PhoneStart, "PhoneDelivery": m.PhoneDelivery,
+                             "Settle": m.Settle, "Tick": m.Tick},
                             PHONE_KEY, (SERVICE,), (SERVICE,), internal=True),
-    topics.ADMITTED: Topic("Internal: admission's verdict on each start.",
+    topics.ADMITTED: Topic("Internal: admission's verdict on each start, resend and fallback.",
                            {"Admission": m.Admission}, INSTANCE_KEY, (SERVICE,), (SERVICE,),
                            internal=True),
-    topics.REROUTED: Topic("Internal: responses and terminates moved to their partition (the "
-                           "code only as its keyed hash).",
-                           {"RoutedCode": m.RoutedCode, "Terminate": m.Terminate},
+    topics.REROUTED: Topic("Internal: responses, terminates and resends moved to their "
+                           "partition (the code only as its keyed hash).",
+                           {"RoutedCode": m.RoutedCode, "Terminate": m.Terminate,
+                            "ResendCode": m.ResendCode},
                            INSTANCE_KEY, (SERVICE,), (SERVICE,), internal=True),
     topics.WEBHOOK_TRIES: Topic("Internal: the result of each try to POST an outcome to a "
                                 "webhook URL, and the webhook stage's ticks.",

@@ -292,23 +292,18 @@ def _self_uri(request: web.Request) -> str:
 
 
 class RaiseEvent(ApiView):
-    """``POST`` the code: a JSON string of digits, or a JSON number as in the seed; or, as the
-    event ``ResendCode``, a resend (rule 15)."""
+    """``POST`` the code: a JSON string of digits, or a JSON number as in the seed (the event
+    ``ResendCode`` has its own route: :class:`ResendView`)."""
 
     @openapi.operation(
         "Submit the code (event SmsChallengeResponse)", body=CODE_BODY, query=SeedQuery,
-        path={"event_name": {"type": "string", "enum": [EVENT, RESEND],
-                             "description": f"the event ({RESEND}: a resend, as POST "
-                                            ".../resend)"}},
+        path={"event_name": {"type": "string", "enum": [EVENT], "description": "the event"}},
         description=f"The event name must be {EVENT}; the body the code, as a JSON string of "
                     "digits (leading zeros count) or a JSON number (left-padded with zeros).",
         responses={202: Decided, 404: ApiError, 410: Concluded, **OWNED_ERRORS,
                    **WRITE_ERRORS})
     async def post(self, request: web.Request, instance_id: str,
                    event_name: str) -> web.Response:
-        if event_name == RESEND:
-            return await _owned(request, instance_id,
-                                lambda: _resend(self, request, instance_id))
         if event_name != EVENT:
             raise HttpError(400, f"unknown event {event_name!r}: a verification waits for "
                                  f"{EVENT} (or {RESEND})")
@@ -351,6 +346,7 @@ class ResendView(ApiView):
 
     @openapi.operation(
         "Send the same code again, over the same channel or another", body=ResendRequest,
+        body_required=False,
         description="The deadline and attempts do not change. Refused with 429 (Retry-After: "
                     "seconds until allowed; none when no resend is left) when too soon, none "
                     "is left or the number's limit is reached, 409 for a channel that cannot "
@@ -780,6 +776,12 @@ API = (
     (f"/orchestrators/{ORCHESTRATOR}", SeedStart),
     ("/verifications/{instance_id}", Status),
     (f"{SEED}/{{instance_id}}", type("SeedStatus", (Status,), {})),
+    # The seed-style resend, before the route of any other event (matched in this order).
+    (f"/verifications/{{instance_id}}/raiseEvent/{RESEND}",
+     type("ResendEvent", (ResendView,), {})),
+    (f"{SEED}/{{instance_id}}/raiseEvent/{RESEND}", type("SeedResendEvent", (ResendView,), {})),
+    (f"{WEBHOOKS}/{{instance_id}}/raiseEvent/{RESEND}",
+     type("WebhookResendEvent", (ResendView,), {})),
     ("/verifications/{instance_id}/raiseEvent/{event_name}", RaiseEvent),
     (f"{SEED}/{{instance_id}}/raiseEvent/{{event_name}}",
      type("SeedRaiseEvent", (RaiseEvent,), {})),
