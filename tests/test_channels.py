@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 from pydantic import TypeAdapter
 
-from phoneverify.models.codes import hash_code, speech_body
+from phoneverify.models.codes import hash_code
 from phoneverify.models.verification import (
     Answer,
     Answered,
@@ -206,11 +206,6 @@ def test_a_start_refused_for_its_channel_leaves_the_id_free():
                                detail="channels that would work for this number: call")]
     assert state.is_empty
     assert reply_of(events[0], state).detail == "channels that would work for this number: call"
-
-
-def test_the_spoken_body_reads_the_digits_twice():
-    assert speech_body("1708") == ("Your verification code is 1, 7, 0, 8. "
-                                   "Again: 1, 7, 0, 8.")
 
 
 # ---------------------------------------------------------------- rule 17: fallback

@@ -14,7 +14,6 @@ from yarl import URL
 
 from phoneverify.delivery.console import ConsoleBackend
 from phoneverify.delivery.twilio_sender import TwilioBackend, call_twiml
-from phoneverify.models.codes import speech_body
 
 from fake_twilio import ACCOUNT_SID, AUTH_TOKEN, FakeTwilio
 from support import Client, Deployment, Worker
@@ -25,6 +24,12 @@ pytestmark = pytest.mark.filterwarnings(
 
 FROM = "+14255550199"
 WHATSAPP = "+14155238886"
+
+
+def speech_body(code: str) -> str:
+    """What a code call says in English (the shipped en template)."""
+    digits = ", ".join(code)
+    return f"Your verification code is: {digits}. Once again, your code is: {digits}."
 
 
 def backend(fake: FakeTwilio, whatsapp: str = WHATSAPP) -> TwilioBackend:
@@ -80,7 +85,7 @@ async def test_the_console_prints_the_channel(capsys):
     await ConsoleBackend().send("+14255550100", speech_body("0042"), instance_id="i3",
                                 channel="call")
     assert capsys.readouterr().out == ("[call to +14255550100 for i3] Your verification code "
-                                       "is 0, 0, 4, 2. Again: 0, 0, 4, 2.\n")
+                                       "is: 0, 0, 4, 2. Once again, your code is: 0, 0, 4, 2.\n")
 
 
 async def call_status(url: str, status: str) -> int:
