@@ -505,7 +505,9 @@ def to_command(event: EventT) -> tuple[Command, str | None, tuple[str, int] | No
         if verdict.kind == "delivery":  # the number's word on a resend or fallback
             return Deliver(instance_id=verdict.instance_id, origin=verdict.origin,
                            admitted=verdict.verdict == "admitted", at=verdict.requested_at,
-                           retry_after=verdict.retry_after), None, None
+                           retry_after=verdict.retry_after,
+                           blocked=verdict.detail if verdict.verdict == "blocked_number"
+                           else ""), None, None
         return start_command(verdict), verdict.origin, None
     if topic == names.sms_status:
         status = _sms_status(message.value)

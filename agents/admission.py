@@ -24,6 +24,7 @@ from phoneverify.agents.batch import (
     guarded,
 )
 from phoneverify.agents.deadlines import DueIndex
+from phoneverify.agents.fraud import refused
 from phoneverify.agents.records import dead_letter, describe, tick_time
 from phoneverify.models import admission
 from phoneverify.models.admission import Number
@@ -96,12 +97,19 @@ async def take(outbox: Outbox, touched: Numbers, event: EventT) -> None:
         touched.put(key, partition, number)
         return
     if isinstance(request, PhoneDelivery):  # a resend or fallback: rule 9 counts it too
-        verdict, number = admission.admit_delivery(touched.get(key, partition), request.origin,
-                                                   request.requested_at, settings.limits)
-        touched.put(key, partition, number)
-        answer = Admission(instance_id=request.instance_id, verdict=verdict.verdict,
-                           requested_at=request.requested_at, origin=request.origin,
-                           retry_after=verdict.retry_after, kind="delivery")
+        blocked = refused(request.phone_number, request.requested_at)  # rule 20: a block
+        if blocked is not None:  # refused before it counts: nothing goes out
+            answer = Admission(instance_id=request.instance_id, verdict="blocked_number",
+                               requested_at=request.requested_at, origin=request.origin,
+                               detail=blocked, kind="delivery")
+        else:
+            verdict, number = admission.admit_delivery(
+                touched.get(key, partition), request.origin, request.requested_at,
+                settings.limits)
+            touched.put(key, partition, number)
+            answer = Admission(instance_id=request.instance_id, verdict=verdict.verdict,
+                               requested_at=request.requested_at, origin=request.origin,
+                               retry_after=verdict.retry_after, kind="delivery")
     else:
         start = request
         verdict, number = admission.admit(touched.get(key, partition), start.origin,

@@ -145,6 +145,8 @@ class Deliver(_Frozen):
     admitted: bool
     at: UtcTime
     retry_after: float | None = None
+    #: Refused by a fraud block in force (rule 20): the refusal in words; else empty.
+    blocked: str = ""
 
 
 class Expire(_Frozen):
@@ -226,13 +228,15 @@ class DeliveryAsked(_Frozen):
 
 
 class DeliveryRefused(_Frozen):
-    """The number's admission refused the asked delivery (its limit of rule 9)."""
+    """The number's admission refused the asked delivery (its limit of rule 9, or a fraud
+    block of rule 20: ``detail`` says which block)."""
 
     type: Literal["delivery_refused"] = "delivery_refused"
     instance_id: InstanceId
     origin: str
     at: UtcTime
     retry_after: float | None = None
+    detail: str = ""
 
 
 class DeliveryFailed(_Frozen):
@@ -557,18 +561,24 @@ def _deliver(command: Deliver, state: Verification) -> list[Event]:
     if asked is None or asked.origin != command.origin:
         return []  # delivered again: decided already
 
-    def reply(result: ReplyResult, retry_after: float | None = None) -> list[Event]:
+    def reply(result: ReplyResult, retry_after: float | None = None,
+              detail: str = "") -> list[Event]:
         return [] if asked.request_id is None else [
             Answered(instance_id=iid, request_id=asked.request_id, command="resend",
-                     result=result, at=at, retry_after=retry_after)]
+                     result=result, at=at, retry_after=retry_after, detail=detail)]
     if not command.admitted:
+        blocked = command.blocked
         refused = DeliveryRefused(instance_id=iid, origin=asked.origin, at=at,
-                                  retry_after=command.retry_after)
-        events: list[Event] = [refused, *reply("rate_limited", retry_after=command.retry_after)]
+                                  retry_after=None if blocked else command.retry_after,
+                                  detail=blocked)
+        events: list[Event] = [refused, *(
+            reply("blocked_number", detail=blocked) if blocked
+            else reply("rate_limited", retry_after=command.retry_after))]
         if asked.reason == "fallback" and not _may_have_arrived(state):
+            why = blocked or "too many deliveries to this number lately"
             events.append(_failed(state, "sms_undeliverable", at,
                                   f"{asked.detail}; the {asked.channel} fallback was refused: "
-                                  "too many deliveries to this number lately"))
+                                  f"{why}"))
         return events
     number = len(state.deliveries) + 1
     return [SmsRequested(instance_id=iid, command_id=f"{iid}/{asked.channel}/{number}",

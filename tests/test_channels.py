@@ -75,10 +75,10 @@ def resend(seconds: float, channel: str | None = None, rid: str | None = "r1") -
 
 
 def deliver(command: Resend | str, seconds: float, admitted: bool = True,
-            retry_after: float | None = None) -> Deliver:
+            retry_after: float | None = None, blocked: str = "") -> Deliver:
     origin = command if isinstance(command, str) else command.origin
     return Deliver(instance_id=IID, origin=origin, admitted=admitted, at=at(seconds),
-                   retry_after=retry_after)
+                   retry_after=retry_after, blocked=blocked)
 
 
 def fail(command_id: str, seconds: float, error: str = "twilio receipt: undelivered") -> FailSms:
@@ -152,6 +152,19 @@ def test_admission_refusing_a_resend_answers_rate_limited_and_sends_nothing():
         answered("rate_limited", 31.2, retry_after=500.0)]
     after = fold(state, events)
     assert after.asking is None and after.resends == 0 and len(after.deliveries) == 1
+
+
+BLOCK = "suspected SMS pumping to +44740012…, blocked until 03:12 UTC"
+
+
+def test_a_resend_to_a_blocked_prefix_answers_blocked_number_and_sends_nothing():
+    _, state = given(start(), resend(31))
+    events = decide(deliver(resend(31), 31.2, admitted=False, blocked=BLOCK), state)
+    assert events == [
+        DeliveryRefused(instance_id=IID, origin=resend(31).origin, at=at(31.2), detail=BLOCK),
+        answered("blocked_number", 31.2, detail=BLOCK)]
+    after = fold(state, events)
+    assert after.asking is None and len(after.deliveries) == 1 and after.status == "pending"
 
 
 def test_a_verdict_delivered_again_changes_nothing():

@@ -148,3 +148,26 @@ async def test_the_limit_per_client_address_holds_across_workers_and_trusts_only
                                     lambda r: any(x.get("key") == iid for x in r))
         [dead] = [x for x in letters if x.get("key") == iid]
         assert "client_ip" in dead["error"], dead
+
+
+async def test_a_block_refuses_resends_too(deployment, start_worker):
+    """A verification started before its prefix was blocked gets no resend while the block
+    holds: ``blocked_number`` with the block in words, and nothing more is sent."""
+    worker = start_worker(RESEND_INTERVAL_SECONDS="0")
+    status, started, _ = await call("POST", f"{base(worker)}/verifications",
+                                    {"phone_number": "+447400120003"})
+    assert status == 202, started
+    iid = started["id"]
+    status, _, _ = await call("POST", f"{base(worker)}/fraud/blocks",
+                              {"key": "+44740012", "seconds": 600})
+    assert status == 201
+    for _ in range(100):  # the worker reads the block from Kafka
+        if await _refused(worker, "+447400120004"):
+            break
+        await asyncio.sleep(0.1)
+    status, answer, _ = await call("POST", f"{base(worker)}/verifications/{iid}/resend")
+    assert status == 400 and answer["result"] == "blocked_number", answer
+    assert "suspected SMS pumping to +44740012…" in answer["error"]
+    async with Client(deployment) as client:
+        sent = [r for r in await client.read_all("verification.sms") if r["instance_id"] == iid]
+        assert len(sent) == 1  # the start's SMS only
