@@ -82,10 +82,18 @@ async def timed(command: SendSms) -> Delivery:
         return await send_with_retry(backend, command.to, command.body,
                                      instance_id=command.instance_id,
                                      command_id=command.command_id, channel=command.channel,
-                                     locale=getattr(command, "locale", None),
+                                     locale=_language(command),
                                      before_each=fence.check)
     finally:
         metrics.sms_send.observe(time.perf_counter() - began)
+
+
+def _language(command: SendSms) -> str | None:
+    """The delivery's language: a call's is its template's voice (``fr-FR``, what Twilio's
+    ``<Say language=...>`` takes; TEMPLATES_DIR may change it), a message's its locale."""
+    if command.channel == "call":
+        return settings.templates.get(command.locale, settings.locale).voice
+    return command.locale
 
 
 def _recorded(raw: bytes | None) -> dict[str, str]:

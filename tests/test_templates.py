@@ -191,3 +191,13 @@ def test_a_broken_file_is_refused_naming_it(tmp_path, name, content, problem):
     with pytest.raises(TemplateError, match=re.escape(problem)) as refused:
         load(Budget(), tmp_path)
     assert name in str(refused.value)
+
+
+def test_every_voice_is_said_in_its_own_language_by_twilio():
+    """The sender hands a call its template's voice; Twilio's ``<Say>`` takes it as it is."""
+    from phoneverify.delivery.twilio_sender import call_twiml
+
+    for locale in CATALOG.locales:
+        voice = CATALOG.get(locale, "en").voice
+        assert re.fullmatch(r"[a-z]{2,3}-[A-Z]{2}", voice), (locale, voice)
+        assert f'<Say language="{voice}">' in call_twiml("1, 7, 0, 8", voice)
