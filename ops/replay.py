@@ -120,7 +120,7 @@ async def _holds_records(consumer: AIOKafkaConsumer, tp: TopicPartition, start: 
     """Whether offsets ``start`` to ``end`` (excluded) of ``tp`` hold a committed record (under
     transactions a committed offset may be followed by nothing but a commit marker)."""
     consumer.assign([tp])
-    consumer.seek(tp, start)
+    consumer.seek(tp, max(start, 0))  # -1: the group committed nothing there yet
     while await consumer.position(tp) < end:
         batch = await consumer.getmany(tp, timeout_ms=1000)
         if any(message.offset < end for message in batch.get(tp, [])):
