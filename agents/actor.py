@@ -55,7 +55,7 @@ from phoneverify.agents.records import (
 from phoneverify.agents.sender import sent
 from phoneverify.agents.transactions import EXACTLY_ONCE
 from phoneverify.models.codes import draw_code, hash_code
-from phoneverify.models.fraud import Concluded, Delivered, prefix_of
+from phoneverify.models.fraud import ADDRESS, Concluded, Delivered, prefix_of
 from phoneverify.models.messages import (
     Admission,
     DeadLetter,
@@ -431,11 +431,7 @@ class Batch:
                     instance_id=state.instance_id, phone_number=state.phone_number or "",
                     at=event.at))
             elif isinstance(event, DeliveryAsked):  # a resend or fallback: rule 9 counts it
-                phone = state.phone_number or ""
-                ask = PhoneDelivery(instance_id=state.instance_id, phone_number=phone,
-                                    requested_at=event.at, origin=event.origin)
-                self.output(partition, names.admission, ask.model_dump_json(), state, key=phone,
-                            target=partition_for(phone.encode(), settings.partitions))
+                self.ask_delivery(partition, state, event)
             elif isinstance(event, Dropped):
                 self.drop(partition, before, event, state)
             elif isinstance(event, TERMINAL):
@@ -458,6 +454,20 @@ class Batch:
                         instance_id=state.instance_id, phone_number=state.phone_number or "",
                         verified=state.status == "verified", at=event.at))
         return state
+
+    def ask_delivery(self, partition: int, state: Verification, event: DeliveryAsked) -> None:
+        """Ask the number's admission (rule 9) whether the delivery may go out; a resend that
+        names its client's address asks the fraud guard's stage first (rule 20)."""
+        phone = state.phone_number or ""
+        ask = PhoneDelivery(instance_id=state.instance_id, phone_number=phone,
+                            requested_at=event.at, origin=event.origin,
+                            client_ip=event.client_ip)
+        key = phone
+        topic = names.admission
+        if event.client_ip is not None and settings.http_starts_per_ip:
+            key, topic = ADDRESS + event.client_ip, names.guard
+        self.output(partition, topic, ask.model_dump_json(), state, key=key,
+                    target=partition_for(key.encode(), settings.partitions))
 
     def guard(self, partition: int, state: Verification, signal: Delivered | Concluded) -> None:
         """Tell the fraud guard about a delivery or a conclusion (keyed by the prefix)."""
@@ -507,6 +517,7 @@ def to_command(event: EventT) -> tuple[Command, str | None, tuple[str, int] | No
                            admitted=verdict.verdict == "admitted", at=verdict.requested_at,
                            retry_after=verdict.retry_after,
                            blocked=verdict.detail if verdict.verdict == "blocked_number"
+                           else "", detail=verdict.detail if verdict.verdict == "rate_limited"
                            else ""), None, None
         return start_command(verdict), verdict.origin, None
     if topic == names.sms_status:
@@ -565,7 +576,7 @@ def hold_command(topic: str, value: bytes | None, at: datetime, origin: str,
     if topic == names.resend:
         resend = ResendCode.from_bytes(value)
         return Resend(instance_id=resend.instance_id, channel=resend.channel,
-                      request_id=resend.request_id, **common)
+                      request_id=resend.request_id, client_ip=resend.client_ip, **common)
     if topic == names.terminate:
         stop = Terminate.from_bytes(value)
         return Stop(instance_id=stop.instance_id, reason=stop.reason or "terminated",

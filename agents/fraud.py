@@ -11,8 +11,9 @@ prefix ``+1425555``, the country ``US``, or ``ip:<address>``) and keeps each key
   ``FRAUD_ANSWER_SECONDS`` and ends blocks whose time is over;
 - **operators' blocks and unblocks**, read back from ``verification.fraud`` (the guard's own
   records come back too and change nothing);
-- **starts carrying a client address** from intake: admitted ones go on to admission (by
-  number), those over ``HTTP_STARTS_PER_IP`` are answered ``rate_limited``.
+- **starts and resends carrying a client address** (from intake and the actor): admitted
+  ones go on to admission (by number), those over ``HTTP_STARTS_PER_IP`` are answered
+  ``rate_limited`` with the seconds until one would be admitted.
 
 Every worker also follows ``verification.fraud`` from its beginning (:data:`blocks`): intake
 refuses starts to a prefix or country blocked there.
@@ -35,6 +36,7 @@ from phoneverify.agents.deadlines import DueIndex
 from phoneverify.agents.records import dead_letter, describe, tick_time
 from phoneverify.models import fraud
 from phoneverify.models.fraud import (
+    ADDRESS,
     Address,
     Concluded,
     Delivered,
@@ -44,17 +46,16 @@ from phoneverify.models.fraud import (
     Level,
     Watch,
 )
-from phoneverify.models.messages import Admission, PhoneStart
+from phoneverify.models.messages import Admission, PhoneDelivery, PhoneStart
 from phoneverify.ops import metrics
 from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify")
 policy = settings.fraud_policy
-ADDRESS = "ip:"
 
-_REQUEST: TypeAdapter[Delivered | Concluded | Judged | PhoneStart] = TypeAdapter(
-    Annotated[Delivered | Concluded | Judged | PhoneStart, Field(discriminator="type")],
-    config={"strict": True})
+_REQUEST: TypeAdapter[Delivered | Concluded | Judged | PhoneStart | PhoneDelivery] = \
+    TypeAdapter(Annotated[Delivered | Concluded | Judged | PhoneStart | PhoneDelivery,
+                          Field(discriminator="type")], config={"strict": True})
 
 inputs = app.topic(names.guard, names.fraud, key_type=bytes, value_type=bytes,
                    key_serializer="raw", value_serializer="raw")
@@ -150,8 +151,8 @@ class Batch:
             self.operator(key, partition, FraudBlock.from_bytes(message.value))
             return
         request = _REQUEST.validate_json(message.value or b"")
-        if isinstance(request, PhoneStart):
-            await self.address_start(key, partition, request)
+        if isinstance(request, PhoneStart | PhoneDelivery):
+            await self.address(key, partition, request)
         elif isinstance(request, Judged):
             if level_of(key) != "country":
                 raise ValueError("record key must be a country (ISO region code)")
@@ -215,27 +216,39 @@ class Batch:
             elif not record.blocked:
                 log.warning("fraud guard: %s %s unblocked by an operator", record.level, key)
 
-    async def address_start(self, key: str, partition: int, start: PhoneStart) -> None:
-        """A start that names its client's address: on to admission, or over the limit."""
-        if not key.startswith(ADDRESS) or key[len(ADDRESS):] != start.client_ip:
-            raise ValueError("record key must be ip: and the start's client_ip")
+    async def address(self, key: str, partition: int, asked: PhoneStart | PhoneDelivery
+                      ) -> None:
+        """A start or resend that names its client's address: on to the number's admission,
+        or refused (over the address's limit; a resend to a blocked prefix before it counts).
+        """
+        if not key.startswith(ADDRESS) or key[len(ADDRESS):] != asked.client_ip:
+            raise ValueError("record key must be ip: and the record's client_ip")
+        delivery = isinstance(asked, PhoneDelivery)
+        iid = asked.instance_id.encode()
+        common = {"instance_id": asked.instance_id, "requested_at": asked.requested_at,
+                  "origin": asked.origin, "kind": "delivery" if delivery else "start",
+                  "request_id": None if delivery else asked.request_id}
+        blocked = refused(asked.phone_number, asked.requested_at) if delivery else None
+        if blocked is not None:  # intake refused blocked starts already
+            verdict = Admission(verdict="blocked_number", detail=blocked, **common)
+            await self.outbox.send(names.admitted, iid, verdict.to_bytes(),
+                                   partition=partition_for(iid, settings.partitions))
+            return
         address = self.states.get(key, partition)
         assert isinstance(address, Address)
         limit, window = settings.http_starts_per_ip, settings.http_ip_window_seconds
-        retry, after = fraud.admit_address(address, start.origin, start.requested_at, limit,
+        retry, after = fraud.admit_address(address, asked.origin, asked.requested_at, limit,
                                            window)
         self.states.put(key, partition, after)
         if retry is None:
-            await self.outbox.send(names.admission, start.phone_number.encode(),
-                                   start.to_bytes())
+            await self.outbox.send(names.admission, asked.phone_number.encode(),
+                                   asked.to_bytes())
             return
-        iid = start.instance_id.encode()
+        what = "codes requested" if delivery else "verifications started"
         verdict = Admission(
-            instance_id=start.instance_id, verdict="rate_limited",
-            requested_at=start.requested_at, origin=start.origin, request_id=start.request_id,
-            retry_after=retry,
-            detail=f"too many verifications started from {start.client_ip} (at most {limit} "
-                   f"in {window:g} s)")
+            verdict="rate_limited", retry_after=retry,
+            detail=f"too many {what} from {asked.client_ip}: at most {limit} starts and "
+                   f"resends in {window:g} s", **common)
         await self.outbox.send(names.admitted, iid, verdict.to_bytes(),
                                partition=partition_for(iid, settings.partitions))
 

@@ -203,7 +203,8 @@ def explain_refusal(reply: Reply) -> str:
             why = f" ({reply.detail})" if reply.detail else ""
             return f"not resent{why}: {wait}; nothing was sent"
         case "rate_limited":
-            wait = "" if reply.retry_after is None else f"; retry in {reply.retry_after:.0f} s"
+            wait = ("" if reply.retry_after is None
+                    else f"; retry in {max(1, math.ceil(reply.retry_after))} s")  # as Retry-After
             why = reply.detail or "too many verifications for this number lately"
             return f"{why}{wait}; no SMS was sent"
         case "channel_unavailable":
@@ -299,17 +300,19 @@ class VerificationClient:
         return await self._ask(self.names.start, message, timeout)
 
     async def resend(self, instance_id: str, channel: ChannelChoice | None = None, *,
-                     timeout: float | None = None) -> Reply:
+                     timeout: float | None = None, client_ip: str | None = None) -> Reply:
         """Send the same code again (the deadline and attempts do not change), over
         ``channel`` (default: the one used last); ``reply.channel`` and
         ``reply.resends_left`` say how it went.
 
-        Raises :class:`RateLimited` when it is too soon or none is left (``retry_after``:
-        seconds until one is allowed, ``None`` when none is left), :class:`ChannelUnavailable`,
-        :class:`VerificationEnded` (it had concluded) or :class:`UnknownVerification`.
+        Raises :class:`RateLimited` when it is too soon, none is left or the client address
+        sent too many (``retry_after``: seconds until one is allowed, ``None`` when none is
+        left), :class:`ChannelUnavailable`, :class:`VerificationEnded` (it had concluded) or
+        :class:`UnknownVerification`. ``client_ip``, the address of the person's client, counts
+        the resend against the per-address limit (``HTTP_STARTS_PER_IP``), as for starts.
         """
-        reply = await self._ask(self.names.resend, self._resend_message(instance_id, channel),
-                                timeout)
+        message = self._resend_message(instance_id, channel, client_ip)
+        reply = await self._ask(self.names.resend, message, timeout)
         if reply.result == "ended":
             raise VerificationEnded(explain_refusal(reply), reply)
         return reply
@@ -419,9 +422,11 @@ class VerificationClient:
                           accept_language=accept_language, client_ip=client_ip,
                           channel=channel)
 
-    def _resend_message(self, instance_id: str, channel: str | None) -> ResendCode:
+    def _resend_message(self, instance_id: str, channel: str | None,
+                        client_ip: str | None = None) -> ResendCode:
         check_instance_id(instance_id)
-        return _validated(ResendCode, instance_id=instance_id, channel=channel)
+        return _validated(ResendCode, instance_id=instance_id, channel=channel,
+                          client_ip=client_ip)
 
     def _code_message(self, instance_id: str, code: str) -> SubmitCode:
         check_instance_id(instance_id)

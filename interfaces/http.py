@@ -26,6 +26,7 @@ unknown routes, are ``{"error": "..."}`` in words.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import importlib.metadata
 import ipaddress
@@ -95,6 +96,9 @@ SEED = "/admin/extensions/DurableTaskExtension/instances"
 #: The same instance routes under the path today's Durable Functions documents.
 WEBHOOKS = "/runtime/webhooks/durabletask/instances"
 ROUTED = "X-Phoneverify-Routed"  # set on a request one worker forwards to the owner
+#: On a forwarded request: the client address the first worker saw, and its keyed signature
+#: (under CODE_HASH_KEY, which every worker shares), so the owner counts the right address.
+CLIENT = "X-Phoneverify-Client"
 #: The seed's orchestrator, named in the status document as Durable Functions names it.
 ORCHESTRATOR = "E4_SmsPhoneVerification"
 #: Where Azure Functions serves HTTP triggers: every API route answers under it too.
@@ -216,8 +220,12 @@ def _parse(model: type[Body], body: Any) -> Any:
 
 
 def client_ip(request: web.Request) -> str | None:
-    """The address a start counts against: the peer's, or, when the peer is one of
-    ``TRUSTED_PROXIES``, the last ``X-Forwarded-For`` entry (the one that proxy added)."""
+    """The address a start or resend counts against: the peer's, or, when the peer is one of
+    ``TRUSTED_PROXIES``, the last ``X-Forwarded-For`` entry (the one that proxy added); on a
+    request another worker forwarded, the address that worker saw (signed by it)."""
+    address, _, signature = request.headers.get(CLIENT, "").partition(" ")
+    if signature and hmac.compare_digest(signature, _vouch(request.path, address)):
+        return address
     try:
         peer = ipaddress.ip_address(request.remote or "")
     except ValueError:
@@ -231,6 +239,12 @@ def client_ip(request: web.Request) -> str | None:
         except ValueError:
             pass  # the proxy sent none (or nonsense): count it against the proxy itself
     return str(peer)
+
+
+def _vouch(path: str, address: str) -> str:
+    """The signature of ``address`` on a request for ``path`` forwarded between workers."""
+    key = hmac.new(settings.code_key, b"phoneverify/forwarded-client", hashlib.sha256).digest()
+    return hmac.new(key, f"{path}\x00{address}".encode(), hashlib.sha256).hexdigest()
 
 
 def _origin(request: web.Request) -> URL:
@@ -349,7 +363,8 @@ class ResendView(ApiView):
         body_required=False,
         description="The deadline and attempts do not change. Refused with 429 (Retry-After: "
                     "seconds until allowed; none when no resend is left) when too soon, none "
-                    "is left or the number's limit is reached, 409 for a channel that cannot "
+                    "is left, the number's limit is reached or the client address asked for "
+                    "too many (HTTP_STARTS_PER_IP), 409 for a channel that cannot "
                     "reach the number (the error names those that would).",
         responses={202: Resent, 404: ApiError, 409: ApiError, 410: ApiError, 429: ApiError,
                    **OWNED_ERRORS, **WRITE_ERRORS},
@@ -366,7 +381,8 @@ async def _resend(view: web.View, request: web.Request, instance_id: str) -> web
         raise HttpError(400, 'the body must be empty or an object {"channel": "call"}')
     asked: ResendRequest = _parse(ResendRequest, body)
     _started(instance_id)
-    reply = await _ask(lambda c: c.resend(instance_id, asked.channel))
+    reply = await _ask(lambda c: c.resend(instance_id, asked.channel,
+                                          client_ip=client_ip(request)))
     return view.json(Resent(id=reply.instance_id, result="resent", channel=reply.channel,
                             resendsLeft=reply.resends_left, attemptsLeft=reply.attempts_left,
                             runtimeStatus=RUNTIME[reply.status],
@@ -524,6 +540,9 @@ async def _owned(request: web.Request, instance_id: str, serve: Any) -> web.Resp
     forwarded = {name.lower() for name in (*KEY_HEADERS, "Content-Type")}
     headers = {name: value for name, value in request.headers.items()
                if name.lower() in forwarded}
+    address = client_ip(request)  # as this worker sees it: the owner counts the resend by it
+    if address is not None:
+        headers[CLIENT] = f"{address} {_vouch(request.path, address)}"
     target = request.url.with_host(owner.host or "").with_port(owner.port)
     try:
         async with app.http_client.request(request.method, target, data=body,

@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from phoneverify.models.messages import Message, UtcTime
 
 Level = Literal["prefix", "country"]
+#: The guard's key of a client address: ``ip:198.51.100.7``.
+ADDRESS = "ip:"
 #: Most deliveries a prefix's watch keeps waiting for their answer; more are not followed (the
 #: state stays well within one Kafka record). The first thousand are judged all the same: a
 #: pumping run into one prefix is blocked once they are, a burst of answered ones converts.

@@ -142,6 +142,14 @@ class ResendCode(Message):
     instance_id: InstanceId
     channel: ChannelChoice | None = None
     request_id: RequestId | None = None
+    #: The address of the person's client (an addition, as the start's): resends count
+    #: against the same per-address limit as starts (rule 20).
+    client_ip: ClientIp | None = None
+
+    def to_bytes(self) -> bytes:
+        """As JSON; ``client_ip`` only when given."""
+        return self.model_dump_json(exclude={"client_ip"} if self.client_ip is None
+                                    else set()).encode()
 
 
 class SubmitCode(Message):
@@ -293,13 +301,15 @@ class PhoneStart(Message):
 
 class PhoneDelivery(Message):
     """A resend or fallback the actor asks the number's admission for (rule 9 counts every
-    delivery). Keyed by phone number; idempotent per origin."""
+    delivery). Keyed by phone number; idempotent per origin. A resend that names its client's
+    address goes first to the fraud guard's stage (keyed ``ip:<address>``), as such a start."""
 
     type: Literal["delivery"] = "delivery"
     instance_id: InstanceId
     phone_number: str
     requested_at: UtcTime
     origin: str
+    client_ip: str | None = None
 
 
 class Settle(Message):

@@ -134,6 +134,8 @@ class Resend(_Frozen):
     hold_seconds: float = 0.0
     origin: str = ""
     raw: str = ""
+    #: The person's client address: the delivery counts against its limit (rule 20).
+    client_ip: str | None = None
 
 
 class Deliver(_Frozen):
@@ -147,6 +149,9 @@ class Deliver(_Frozen):
     retry_after: float | None = None
     #: Refused by a fraud block in force (rule 20): the refusal in words; else empty.
     blocked: str = ""
+    #: Refused as rate limited: why, in words, when not the number's own limit (rule 20:
+    #: its client address asked for too many).
+    detail: str = ""
 
 
 class Expire(_Frozen):
@@ -225,11 +230,13 @@ class DeliveryAsked(_Frozen):
     at: UtcTime
     request_id: RequestId | None = None
     detail: str = ""
+    #: A resend's client address: the fraud guard counts it first (rule 20).
+    client_ip: str | None = None
 
 
 class DeliveryRefused(_Frozen):
-    """The number's admission refused the asked delivery (its limit of rule 9, or a fraud
-    block of rule 20: ``detail`` says which block)."""
+    """The asked delivery was refused: the number's limit (rule 9), a fraud block or the
+    limit of its client address (rule 20); ``detail`` says which, in words."""
 
     type: Literal["delivery_refused"] = "delivery_refused"
     instance_id: InstanceId
@@ -552,7 +559,7 @@ def _resend(command: Resend, state: Verification) -> list[Event]:
                          detail=f"the code was sent less than {state.resend_interval:g} s ago")
     return [DeliveryAsked(instance_id=command.instance_id, origin=command.origin,
                           channel=channel, reason="resend", at=at,
-                          request_id=command.request_id)]
+                          request_id=command.request_id, client_ip=command.client_ip)]
 
 
 def _deliver(command: Deliver, state: Verification) -> list[Event]:
@@ -570,10 +577,11 @@ def _deliver(command: Deliver, state: Verification) -> list[Event]:
         blocked = command.blocked
         refused = DeliveryRefused(instance_id=iid, origin=asked.origin, at=at,
                                   retry_after=None if blocked else command.retry_after,
-                                  detail=blocked)
+                                  detail=blocked or command.detail)
         events: list[Event] = [refused, *(
             reply("blocked_number", detail=blocked) if blocked
-            else reply("rate_limited", retry_after=command.retry_after))]
+            else reply("rate_limited", retry_after=command.retry_after,
+                       detail=command.detail))]
         if asked.reason == "fallback" and not _may_have_arrived(state):
             why = blocked or "too many deliveries to this number lately"
             events.append(_failed(state, "sms_undeliverable", at,

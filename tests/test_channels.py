@@ -167,6 +167,23 @@ def test_a_resend_to_a_blocked_prefix_answers_blocked_number_and_sends_nothing()
     assert after.asking is None and len(after.deliveries) == 1 and after.status == "pending"
 
 
+def test_a_resend_names_its_client_address_and_a_refusal_by_it_says_why():
+    """Rule 20: the address goes with the asked delivery (the guard counts it); refused over
+    the address's limit, the reply says so in words, with when to retry."""
+    asked = resend(31).model_copy(update={"client_ip": "198.51.100.7"})
+    events, state = given(start(), asked)
+    assert events[-1] == DeliveryAsked(instance_id=IID, origin=asked.origin, channel="sms",
+                                       reason="resend", at=at(31), request_id="r1",
+                                       client_ip="198.51.100.7")
+    why = "too many codes requested from 198.51.100.7: at most 20 starts and resends in 3600 s"
+    refused = deliver(asked, 31.2, admitted=False, retry_after=900.0).model_copy(
+        update={"detail": why})
+    assert decide(refused, state) == [
+        DeliveryRefused(instance_id=IID, origin=asked.origin, at=at(31.2), retry_after=900.0,
+                        detail=why),
+        answered("rate_limited", 31.2, retry_after=900.0, detail=why)]
+
+
 def test_a_verdict_delivered_again_changes_nothing():
     _, state = given(start(), resend(31), deliver(resend(31), 31.5))
     assert decide(deliver(resend(31), 32), state) == []

@@ -171,3 +171,62 @@ async def test_a_block_refuses_resends_too(deployment, start_worker):
     async with Client(deployment) as client:
         sent = [r for r in await client.read_all("verification.sms") if r["instance_id"] == iid]
         assert len(sent) == 1  # the start's SMS only
+
+
+async def test_resends_count_against_the_client_address_across_workers_and_restarts(
+        deployment, start_worker):
+    """Rule 20: starts and resends share the limit per client address, whichever worker
+    takes them (a resend is forwarded to its verification's owner, the address with it), over
+    both resend routes and Kafka, and the count outlives the workers."""
+    deployment.settings.update(HTTP_STARTS_PER_IP="3", TRUSTED_PROXIES="127.0.0.1",
+                               RESEND_INTERVAL_SECONDS="0")
+    workers = [start_worker("w1"), start_worker("w2")]
+    client_a, client_b = {"X-Forwarded-For": "198.51.100.7"}, {"X-Forwarded-For": "198.51.100.8"}
+
+    def resend_url(worker: Worker, iid: str, seed: bool = False) -> str:
+        if seed:
+            return (f"{base(worker)}/admin/extensions/DurableTaskExtension/instances/{iid}"
+                    "/raiseEvent/ResendCode")
+        return f"{base(worker)}/verifications/{iid}/resend"
+
+    status, started, _ = await call("POST", f"{base(workers[0])}/verifications",
+                                    start_body(1), client_a)
+    assert status == 202, started
+    iid = started["id"]
+    # The start and two resends, one on each route, one on each worker (one forwards).
+    assert (await call("POST", resend_url(workers[1], iid), None, client_a))[0] == 202
+    assert (await call("POST", resend_url(workers[0], iid, seed=True), None, client_a))[0] == 202
+    for worker, seed in ((workers[1], False), (workers[0], True)):
+        status, answer, headers = await call("POST", resend_url(worker, iid, seed), None,
+                                             client_a)
+        assert status == 429 and answer["result"] == "rate_limited", answer
+        assert 3000 <= int(headers["Retry-After"]) <= 3600
+        assert "too many codes requested from 198.51.100.7: at most 3 starts and resends" \
+            in answer["error"]
+    assert (await call("POST", resend_url(workers[1], iid), None, client_b))[0] == 202
+
+    for worker in workers:  # the count is in Kafka: a new worker keeps it
+        worker.stop()
+    worker = start_worker("w3")
+    forged = {**client_a, "X-Phoneverify-Client": "203.0.113.9 " + "0" * 64}  # unsigned
+    status, answer, headers = await call("POST", resend_url(worker, iid), None, forged)
+    assert status == 429 and "from 198.51.100.7" in answer["error"], answer
+    assert int(headers["Retry-After"]) >= 3000
+    status, answer, _ = await call("POST", f"{base(worker)}/verifications", start_body(2),
+                                   client_a)
+    assert status == 429 and "too many verifications started from 198.51.100.7" in \
+        answer["error"]
+
+    async with Client(deployment) as client:
+        # A Kafka resend may name its client's address too; a malformed one is a dead letter.
+        reply = await client.ask("verification.resend", {"instance_id": iid,
+                                                         "client_ip": "198.51.100.7"})
+        assert reply["result"] == "rate_limited" and reply["retry_after"] > 3000, reply
+        await client.send("verification.resend", {"instance_id": iid,
+                                                  "client_ip": "198.51.100.300"})
+        letters = await client.read("verification.dead-letter",
+                                    lambda r: any("client_ip" in x["error"] for x in r))
+        assert any(x.get("key") == iid for x in letters)
+        sent = {r["command_id"] for r in await client.read_all("verification.sms")
+                if r["instance_id"] == iid}  # a command published again after a stop is one
+        assert sent == {f"{iid}/sms/{n}" for n in (1, 2, 3, 4)}  # start, 2 resends A, 1 B
