@@ -12,7 +12,7 @@ import threading
 
 import faust
 
-from phoneverify.ops import faust_fixes, fetch_linger, recovery
+from phoneverify.ops import faust_fixes, fetch_linger, recovery, stopping
 from phoneverify.ops.broker.local import worker_client_id
 from phoneverify.ops.logs import json_logging, text_logging
 from phoneverify.settings import Settings
@@ -29,8 +29,19 @@ def _broker_url(bootstrap: str) -> str:
     return ";".join(f"kafka://{server.strip()}" for server in bootstrap.split(","))
 
 
+class Worker(faust.Worker):
+    """Faust's worker, stopped by SIGHUP (a closed terminal) as by SIGTERM, and by a stop signal
+    that came after ``run_worker`` handed over and before these handlers were in
+    (:mod:`phoneverify.ops.stopping`)."""
+
+    def _install_signal_handlers_unix(self) -> None:
+        super()._install_signal_handlers_unix()
+        stopping.faust_handlers_in(self)
+
+
 app = faust.App(
     settings.app_id,
+    Worker=Worker,
     # Faust reads no setting from the environment: every one it uses is given here. The
     # environment holds ours, and some share Faust's names with another meaning: with
     # PROCESSING_GUARANTEE=exactly_once (our rule 23) Faust would turn on its own

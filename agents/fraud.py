@@ -329,8 +329,8 @@ async def _follow() -> None:
     consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers,
                                 enable_auto_commit=False, auto_offset_reset="earliest",
                                 fetch_max_wait_ms=100, isolation_level="read_committed")
-    await consumer.start()
-    try:
+    try:  # a worker stopped while this starts closes it too (else: "Unclosed AIOKafkaConsumer")
+        await consumer.start()
         partitions = [TopicPartition(names.fraud, p) for p in range(settings.partitions)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)

@@ -7,9 +7,14 @@ import errno
 import logging
 import logging.config
 import os
-import signal
 import socket
 import sys
+from typing import TYPE_CHECKING
+
+from phoneverify.ops import stopping
+
+if TYPE_CHECKING:  # Faust is imported once the topics exist
+    import faust
 
 
 def port_taken(host: str, port: int) -> bool:
@@ -25,26 +30,23 @@ def port_taken(host: str, port: int) -> bool:
     return False
 
 
-def stop_on_hangup() -> None:
-    """Closing the terminal (SIGHUP) stops the worker as Ctrl-C does: before Faust runs, as a
-    Ctrl-C (SIGINT, which ``asyncio.run`` turns into a clean cancel of what it runs); once it
-    runs, with mode's stopping sequence (as SIGTERM)."""
-    from mode.worker import Worker
-
-    signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGINT))
-    install = Worker._install_signal_handlers_unix
-    if getattr(install, "hangup", False):
-        return
-
-    def with_hangup(self: Worker) -> None:
-        install(self)
-        self.loop.add_signal_handler(signal.SIGHUP, self._on_sigterm)
-
-    with_hangup.hangup = True  # type: ignore[attr-defined]
-    Worker._install_signal_handlers_unix = with_hangup  # type: ignore[method-assign]
-
-
 def run_worker(argv: list[str] | None = None) -> None:
+    """Start a worker; a stop signal (Ctrl-C, SIGTERM, SIGHUP) stops it wherever it lands
+    (:mod:`phoneverify.ops.stopping`), and a stop before Faust runs exits 0 with one line."""
+    stopping.while_starting()
+    try:
+        app = _prepare(argv)
+    except stopping.StoppedWhileStarting as stop:
+        logging.getLogger("phoneverify").info(
+            "stopped by %s while starting (nothing was consuming yet)", stop.signal.name)
+        raise SystemExit(0) from None
+    stopping.handing_over()  # from here a stop signal is acted on once Faust's handlers are in
+    app.main()
+
+
+def _prepare(argv: list[str] | None = None) -> faust.App:
+    """Everything before Faust: settings, logging, topics, the key check; returns the app with
+    ``sys.argv`` set for its ``worker`` command."""
     from pydantic import ValidationError
 
     from phoneverify.models.templates.catalog import TemplateError
@@ -53,6 +55,7 @@ def run_worker(argv: list[str] | None = None) -> None:
         json_logging,
         quiet_bad_requests,
         quiet_harmless_startup_errors,
+        quiet_starved_loop,
     )
     from phoneverify.ops.recovery import STORE_DIR, check_cluster, cluster_id
     from phoneverify.settings import Settings
@@ -72,6 +75,7 @@ def run_worker(argv: list[str] | None = None) -> None:
         logging.basicConfig(level=settings.log_level, format="[%(levelname)s] %(message)s")
     quiet_harmless_startup_errors()
     quiet_bad_requests()
+    quiet_starved_loop()
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)  # headers of each send
     log = logging.getLogger("phoneverify")
     say = log.info
@@ -80,7 +84,6 @@ def run_worker(argv: list[str] | None = None) -> None:
                   "WEB_PORT to a free port (a second worker here needs its own DATA_DIR too)",
                   settings.web_port, settings.web_host)
         raise SystemExit(2)
-    stop_on_hangup()
     try:  # rule 18: every template is checked before anything starts
         catalog, default = settings.templates, settings.locale
     except TemplateError as error:
@@ -108,9 +111,6 @@ def run_worker(argv: list[str] | None = None) -> None:
     except KeyMismatch as error:
         log.error("%s", error)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        say("stopped while starting (nothing was consuming yet)")
-        raise SystemExit(130) from None
 
     if not settings.api_key_value:
         log.warning("API_KEY is empty: the HTTP API accepts requests without a key (local "
@@ -124,7 +124,7 @@ def run_worker(argv: list[str] | None = None) -> None:
     quiet = ["--quiet"] if settings.log_format == "json" else []  # no banner: JSON lines only
     sys.argv = ["phoneverify", *quiet, "worker", "--loglevel", settings.log_level.lower(),
                 *(argv or [])]
-    app.main()
+    return app
 
 
 def use_event_loop(name: str, log: logging.Logger) -> None:

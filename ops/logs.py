@@ -175,3 +175,31 @@ class BadRequestsAreInfo(logging.Filter):
 
 def quiet_bad_requests() -> None:
     logging.getLogger("aiohttp.server").addFilter(BadRequestsAreInfo())
+
+
+# ---------------------------------------------------------------- a starved event loop
+
+#: The logger of Faust's consumer thread, the one ``mode.threads.ServiceThread`` of a worker.
+KEEPALIVE_LOGGER = "faust.transport.drivers.aiokafka"
+KEEPALIVE_FAILED = "Thread keepalive is not responding..."
+STARVED_NOTE = ("the worker's event loop did not run for over 3 s (the machine was busy, or the "
+                "process was paused: Ctrl-Z, a debugger); verifications waited, none was lost. "
+                "If this repeats, the worker needs more CPU")
+
+
+class StarvedLoopIsAWarning(logging.Filter):
+    """mode checks every 1.1 s that the worker's event loop ran and, after a gap of over 3 s,
+    logs ``[ERROR] Thread keepalive is not responding...``. The loop could not run: a busy
+    laptop, Ctrl-Z and ``fg``, a debugger. Records wait and are processed once it runs again,
+    so a person should know it happened, not read it as an outage: a WARNING saying what it
+    means."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).endswith(KEEPALIVE_FAILED):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = STARVED_NOTE, ()
+        return True
+
+
+def quiet_starved_loop() -> None:
+    logging.getLogger(KEEPALIVE_LOGGER).addFilter(StarvedLoopIsAWarning())
