@@ -141,6 +141,10 @@ class Settings(BaseSettings):
         5.0, ge=0, le=1000,
         description="after a fetch that brought records, wait this long before the next one "
                     "(fewer, fuller fetches at light load; at most this much per hop; 0: off)")
+    restore_batch: bool = Field(
+        True, description="restore a table without its store by reading its changelog in "
+                          "large fetches and writing each as one RocksDB batch (false: "
+                          "Faust's restore, a record at a time)")
 
     # ------------------------------------------------------------ language (rules 18, 19)
     app_name: str = Field("", max_length=64, description="the app's name in messages ({app}); "

@@ -12,7 +12,7 @@ import threading
 
 import faust
 
-from phoneverify.ops import faust_fixes, fetch_linger, recovery, stopping
+from phoneverify.ops import faust_fixes, fetch_linger, recovery, restore, stopping
 from phoneverify.ops.broker.local import worker_client_id
 from phoneverify.ops.logs import json_logging, text_logging
 from phoneverify.settings import Settings
@@ -21,6 +21,7 @@ from phoneverify.topics import Names
 faust_fixes.apply()
 settings = Settings()
 recovery.apply(settings.data_dir)
+restore.apply(settings.restore_batch)  # after recovery's: its offset check comes first
 fetch_linger.apply(settings.fetch_linger_ms / 1000)
 names = Names(settings.topic_prefix)
 

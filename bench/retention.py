@@ -148,8 +148,8 @@ async def fill(bootstrap: str, prefix: str, count: int) -> str:
     return f"kept-{count - 1:08d}"
 
 
-async def restart(bootstrap: str, sizes: list[int]) -> None:
-    rows = []
+async def restart(bootstrap: str, sizes: list[int], faust_too: bool = False) -> None:
+    rows, faust_rows = [], []
     for size in sizes:
         prefix = f"keep{uuid.uuid4().hex[:8]}."
         say(f"{size:,} kept verifications: filling the changelog")
@@ -179,17 +179,37 @@ async def restart(bootstrap: str, sizes: list[int]) -> None:
         rows.append((size, cold, restore, warm, cold_rss, settled_rss, warm_rss, store / 2**20))
         say(f"  empty store {cold:.1f} s (restore {restore:.1f} s, {size / restore:,.0f} "
             f"records/s), own store {warm:.1f} s, {settled_rss:.0f} MiB")
+        if faust_too:  # the same changelog restored by Faust alone, a record at a time
+            with tempfile.TemporaryDirectory(prefix="phoneverify-keep-") as tmp:
+                worker = Worker(bootstrap, prefix, Path(tmp) / "data", Path(tmp) / "worker.log",
+                                VERIFICATION_RETENTION_SECONDS="86400", RESTORE_BATCH="false")
+                try:
+                    cold_faust = await worker.until_status(newest, worker.start())
+                    restore_faust = restore_seconds(worker.log.read_text(errors="replace"))
+                finally:
+                    worker.stop()
+            faust_rows.append((size, cold, restore, cold_faust, restore_faust))
+            say(f"  Faust's restore (RESTORE_BATCH=false): empty store {cold_faust:.1f} s "
+                f"(restore {restore_faust:.1f} s, {size / restore_faust:,.0f} records/s)")
     print("kept verifications | start on an empty store | its restore (records/s) | restart on "
           "its store | RSS after restore / 3 s later / 3 s after the restart | store on disk")
     for size, cold, restore, warm, cold_rss, settled_rss, warm_rss, disk in rows:
         print(f"{size:>12,} | {cold:8.1f} s | {restore:6.1f} s ({size / restore:7,.0f} / s) | "
               f"{warm:6.1f} s | {cold_rss:6.0f} / {settled_rss:6.0f} / {warm_rss:6.0f} MiB | "
               f"{disk:7.0f} MiB")
+    if faust_rows:
+        print("kept verifications | batched restore: empty store, restore (records/s) | "
+              "Faust's restore: empty store, restore (records/s) | ratio")
+        for size, cold, restore, cold_faust, restore_faust in faust_rows:
+            print(f"{size:>12,} | {cold:6.1f} s, {restore:6.1f} s ({size / restore:7,.0f} / s) | "
+                  f"{cold_faust:6.1f} s, {restore_faust:6.1f} s ({size / restore_faust:7,.0f} / s)"
+                  f" | {restore_faust / restore:4.1f}x")
 
 
 def restore_seconds(log: str) -> float:
-    """How long the worker's first restore took: from Faust's "Restoring state from changelog
-    topics" to its "Done reading from changelog topics" (the records read in between)."""
+    """How long the worker's first restore took: from "Restoring state from changelog topics"
+    to "Done reading from changelog topics" (Faust's lines, or those of the batched restore,
+    ``ops/restore.py``, which begin the same)."""
     stamps = {}
     for line in log.splitlines():
         for mark in ("Restoring state from changelog topics", "Done reading from changelog"):
@@ -260,6 +280,8 @@ def main() -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     sizes = sub.add_parser("restart")
     sizes.add_argument("--sizes", default="10000,100000,300000,1000000")
+    sizes.add_argument("--faust-too", action="store_true",
+                       help="also restore each size with RESTORE_BATCH=false (before / after)")
     run = sub.add_parser("soak")
     run.add_argument("--minutes", type=float, default=30)
     run.add_argument("--rate", type=float, default=50)
@@ -267,7 +289,8 @@ def main() -> int:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     if args.what == "restart":
-        asyncio.run(restart(args.bootstrap, [int(n) for n in args.sizes.split(",")]))
+        asyncio.run(restart(args.bootstrap, [int(n) for n in args.sizes.split(",")],
+                            args.faust_too))
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         asyncio.run(soak(args.bootstrap, args.minutes, args.rate, args.retention))

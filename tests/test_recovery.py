@@ -114,6 +114,40 @@ async def test_a_restart_on_its_own_store_sets_nothing_aside(
     assert not (worker.data_dir / recovery.SET_ASIDE_DIR).exists()
 
 
+# ------------------------------------------------------------ restoring in batches
+
+
+def restored(worker: Worker) -> list[int]:
+    """The records each batched restore of this worker's log read, in order."""
+    return [int(line.split("in batches: ")[1].split()[0]) for line in worker.log().splitlines()
+            if "Done reading from changelog topics in batches" in line]
+
+
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_a_worker_on_a_new_machine_restores_in_batches_and_knows_what_was_kept(
+        deployment: Deployment, start_worker, guarantee: str) -> None:
+    """A worker with an empty store reads the changelogs in batches (under exactly_once they
+    hold transaction markers), then knows every kept verification; restarted on its own store
+    it reads nothing again."""
+    deployment.settings["PROCESSING_GUARANTEE"] = guarantee
+    first = start_worker("w1")
+    phones = [f"+1 425 555 01{n}" for n in (87, 88, 89)]
+    async with Client(deployment) as client:
+        kept = [await verified(client, phone) for phone in phones]
+        first.stop()
+        fresh = start_worker("w2")  # its own, empty DATA_DIR: a new machine
+        assert restored(fresh) and restored(fresh)[0] > 0, fresh.log()[-3000:]
+        for iid, phone in zip(kept, phones, strict=True):
+            assert await start_again(client, iid, phone) == "duplicate"
+        await verified(client, "+1 425 555 0190")
+        first_start = len(restored(fresh))
+        fresh.stop()
+        fresh.start()
+        assert sum(restored(fresh)[first_start:]) == 0  # nothing to read again
+        assert await start_again(client, kept[0], phones[0]) == "duplicate"
+    assert set_aside_lines(fresh) == []
+
+
 # ------------------------------------------------------- Faust's exactly-once mode stays off
 
 
