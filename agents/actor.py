@@ -501,7 +501,7 @@ class Batch:
         dead = letter(topic, int(source), int(offset), held.instance_id.encode(),
                       held.raw.encode(),
                       f"no verification {held.instance_id} started within {grace:g} s of "
-                      f"this {_NAMES[held.kind]}")
+                      f"this {_NAMES[held.kind]}", level=logging.INFO)  # answered unknown
         self.output(partition, names.dead_letter, dead.model_dump_json(), after)
 
 

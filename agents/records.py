@@ -65,10 +65,11 @@ def redact(topic: str, value: bytes | None) -> bytes | None:
 
 
 def letter(topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
-           error: str) -> DeadLetter:
-    """A dead letter for a record (its value redacted), logged as it is made."""
+           error: str, level: int = logging.WARNING) -> DeadLetter:
+    """A dead letter for a record (its value redacted), logged as it is made: a WARNING, or
+    ``level`` (INFO for a command answered ``unknown``: a person's wrong id, not a fault)."""
     dead = DeadLetter.of(topic, partition, offset, key, redact(topic, value), error)
-    log.warning("dead letter from %s[%d]@%d: %s", topic, partition, offset, dead.error)
+    log.log(level, "dead letter from %s[%d]@%d: %s", topic, partition, offset, dead.error)
     metrics.dead_letters.labels(topic.removeprefix(names.prefix)).inc()
     return dead
 

@@ -55,6 +55,7 @@ def _prepare(argv: list[str] | None = None) -> faust.App:
         json_logging,
         quiet_bad_requests,
         quiet_harmless_startup_errors,
+        quiet_rebalances,
         quiet_starved_loop,
     )
     from phoneverify.ops.recovery import STORE_DIR, check_cluster, cluster_id
@@ -76,6 +77,7 @@ def _prepare(argv: list[str] | None = None) -> faust.App:
     quiet_harmless_startup_errors()
     quiet_bad_requests()
     quiet_starved_loop()
+    quiet_rebalances()
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)  # headers of each send
     log = logging.getLogger("phoneverify")
     say = log.info

@@ -196,7 +196,7 @@ def _start_request(body: Any) -> StartRequest:
     """The start's body as its model, or 400 saying what is wrong."""
     if isinstance(body, str):
         body = {"phone_number": body}
-    if not isinstance(body, dict):
+    if not isinstance(body, dict) or "phone_number" not in body:  # not "Field required"
         raise HttpError(400, 'body must be the phone number as a JSON string, or an object '
                              '{"phone_number": "...", "instance_id": "..."}')
     return _parse(StartRequest, body)

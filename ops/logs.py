@@ -203,3 +203,26 @@ class StarvedLoopIsAWarning(logging.Filter):
 
 def quiet_starved_loop() -> None:
     logging.getLogger(KEEPALIVE_LOGGER).addFilter(StarvedLoopIsAWarning())
+
+
+# ---------------------------------------------------------------- a rebalance
+
+REBALANCING = "Heartbeat failed for group %s because it is rebalancing"
+REBALANCING_NOTE = (" (a worker joined or left the group: the partitions are being shared out "
+                    "again; normal, the heartbeats go on)")
+
+
+class RebalanceIsInfo(logging.Filter):
+    """aiokafka warns ``Heartbeat failed for group ... because it is rebalancing`` at every
+    worker that stays when another joins or leaves: that is how a consumer learns of a
+    rebalance, which is how Kafka moves partitions, not a failure. INFO, with a note."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and record.msg == REBALANCING:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = REBALANCING + REBALANCING_NOTE
+        return True
+
+
+def quiet_rebalances() -> None:
+    logging.getLogger(COORDINATOR_LOGGER).addFilter(RebalanceIsInfo())

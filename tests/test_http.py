@@ -109,7 +109,8 @@ async def test_bad_input_is_400_saying_what_is_wrong(start_worker, http):
         (url, None, b"{not json", "not valid JSON"),
         (url, None, b"\xff\xfe", "not valid JSON"),
         (url, 4255550100, None, "JSON string"),
-        (url, {"instance_id": "x"}, None, "phone_number"),
+        (url, {"instance_id": "x"}, None, 'an object {"phone_number"'),
+        (url, {"phone": PHONE}, None, 'an object {"phone_number"'),  # not "Field required"
         (url, "call me maybe", None, "phone_number: not a phone number"),
         (url, "+1 425", None, "phone_number: not a possible phone number"),
         (url, "555-0100", None, "not a valid phone number"),

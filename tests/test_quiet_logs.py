@@ -1,5 +1,7 @@
-"""A newcomer reads ERROR as an outage: a worker's log through a second worker joining and
-leaving, HTTP writes, and a graceful stop has no ERROR line, and no line ends with a space."""
+"""A newcomer reads ERROR (or WARNING) as an outage: a worker's log through a second worker
+joining and leaving, HTTP writes, and a graceful stop has no ERROR or WARNING line (aiokafka's
+"Heartbeat failed ... because it is rebalancing" is INFO with a note), and no line ends with a
+space."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import aiohttp
 
 from support import Client, Deployment
 
+#: mode's warning that a timer's run took longer than its interval: the test ticks every 0.2 s
+#: and a shared machine can make a tick's run take longer; at the default 1 s it means expiries
+#: run late, which is worth a warning.
+OVERLAP = "ticker is overlapping"
 #: Faust's stall detector (every 2.5 s here) reports a partition as stalled after this long.
 STALL_SECONDS = "3"
 
@@ -45,7 +51,8 @@ async def test_no_false_alarms_through_a_second_worker_joining_and_leaving(
         log = worker.log()
         assert "Stopping..." in log and "Closing event loop" in log  # a graceful stop
         errors = [line for line in log.splitlines()
-                  if "[ERROR]" in line or "Unclosed" in line]
+                  if "[ERROR]" in line or "Unclosed" in line
+                  or ("[WARNING]" in line and OVERLAP not in line)]
         assert errors == [], f"worker {worker.name}: {errors[:5]}"
         lines = [line for line in log.splitlines() if line.startswith("[20")]
         assert lines and [line for line in lines if line != line.rstrip()] == []
