@@ -26,8 +26,14 @@ from phoneverify.ops.replay import run as replay
 from support import TEST_CODE_KEY, Client, Deployment
 
 N = 600
-# A long window and grace: the restarts must not expire anything or drop a held code.
-ENV = {"VERIFICATION_TIMEOUT_SECONDS": "900", "EARLY_COMMAND_GRACE_SECONDS": "300"}
+# A long window and grace: the restarts must not expire anything or drop a held code. And a
+# long wait for answers before the fraud guard judges a delivery unconverted (rule 20): every
+# number shares one prefix and no code is answered before all are sent, which is what SMS
+# pumping looks like: with the default 60 s, a slow restart gets the prefix blocked, and what
+# is not admitted by then (starts, fallback calls) is refused, its delivery never comes. The
+# guard still follows every delivery and conclusion through the kills.
+ENV = {"VERIFICATION_TIMEOUT_SECONDS": "900", "EARLY_COMMAND_GRACE_SECONDS": "300",
+       "FRAUD_ANSWER_SECONDS": "900"}
 
 
 def by_instance(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
