@@ -32,7 +32,8 @@ run: setup
 test: setup
 	$(BIN)/pytest
 
-# The long forms of the fuzz runs (FUZZ_LONG_EXAMPLES) and the zombie worker: about 3 minutes.
+# The long forms of the fuzz runs (FUZZ_LONG_EXAMPLES), the zombie worker and the 3-node
+# cluster runs (a leader killed under load, a node killed): about 6 minutes.
 test-long: setup
 	$(BIN)/pytest -m long
 

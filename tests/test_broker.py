@@ -428,7 +428,7 @@ async def _read(bootstrap: str, topic: str, count: int) -> list[str]:
         await consumer.stop()
 
 
-@pytest.mark.slow  # about 37 s here: three JVMs started twice on two CPUs
+@pytest.mark.long  # about 1 min here: three JVMs started twice on two CPUs (make test-long)
 def test_cluster_of_three_survives_a_killed_node(tmp_path: Path, jars: Path) -> None:
     """acks=all with min.insync.replicas=2 keeps working with one node of three killed (-9);
     the node rejoins on restart; the whole cluster stops and starts again on its data."""

@@ -6,7 +6,9 @@ outcome verified with exactly 2 attempts, every request answered as expected, re
 
 Scenarios 3 to 5 run on the session's broker; 1 starts its own 3-node cluster and 2 its own
 single broker (it stops and starts it), on ports above the session broker's (``+10`` and
-``+20``, or free ones), with the jars copied into a temporary home.
+``+20``, or free ones), with the jars copied into a temporary home. The 3-node one (about two
+minutes) and the zombie (its pause must outlive the session) are marked ``long``: ``make
+test-long`` runs them, ``make test`` the others.
 """
 
 from __future__ import annotations
@@ -113,8 +115,8 @@ def _check(verdict: chaos.Verdict) -> None:
     assert verdict.ok
 
 
-@pytest.mark.slow  # about 1 min here: three JVMs, a kill, a restart
-@pytest.mark.timeout(900)
+@pytest.mark.long  # about 2 min here: three JVMs, a kill, a restart (make test-long); the
+@pytest.mark.timeout(900)  # single broker stopped and started below is its short form
 @pytest.mark.parametrize("own_broker", [3], indirect=True)
 @GUARANTEES
 def test_broker_leader_killed_and_restarted(own_broker: LocalBroker, tmp_path: Path,
