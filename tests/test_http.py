@@ -7,7 +7,8 @@ import asyncio
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,11 +18,23 @@ from yarl import URL
 from phoneverify.models.codes import draw_code, hash_code
 from phoneverify.models.phone import mask
 
-from support import TEST_CODE_KEY, Client, Worker
+from support import TEST_CODE_KEY, Client, Deployment, Worker
 
 KEY = {"X-API-Key": "test-api-key"}
 PHONE = "+1 425-555-0100"
 MASKED = mask("+14255550100")  # "+142******00"
+
+
+@pytest.fixture(scope="module")
+def served(kafka: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """One deployment and worker with the default settings, for the tests that need nothing
+    else (each uses its own instance ids; the start limit per number is out of their way)."""
+    worker = Worker(Deployment(kafka, Path(tmp_path_factory.mktemp("http"))), "served",
+                    RATE_LIMIT_STARTS="1000")
+    try:
+        yield worker.start()
+    finally:
+        worker.stop()
 
 
 @pytest.fixture
@@ -71,8 +84,8 @@ def assert_no_secrets(body: Any, instance_id: str, code: str) -> None:
     assert "4255550100" not in text  # only the masked number
 
 
-async def test_every_request_needs_the_api_key(start_worker):
-    worker = start_worker()
+async def test_every_request_needs_the_api_key(served):
+    worker = served
     url = f"{base(worker)}/verifications"
     async with aiohttp.ClientSession() as anonymous:
         for headers in ({}, {"X-API-Key": "wrong"}):
@@ -99,8 +112,8 @@ async def test_several_keys_for_rotation_and_a_body_limit(start_worker):
         assert (status, body) == (413, {"error": "request body over 200 bytes"})
 
 
-async def test_bad_input_is_400_saying_what_is_wrong(start_worker, http):
-    worker = start_worker()
+async def test_bad_input_is_400_saying_what_is_wrong(served, http):
+    worker = served
     url = f"{base(worker)}/verifications"
     async with Client(worker.deployment) as kafka:  # a verification to send bad codes to
         iid = await kafka.start()
@@ -133,8 +146,8 @@ async def test_bad_input_is_400_saying_what_is_wrong(start_worker, http):
     assert status == 400 and "instance id" in answer["error"]
 
 
-async def test_start_to_verified_with_a_numeric_code(deployment, start_worker, http):
-    worker = start_worker()
+async def test_start_to_verified_with_a_numeric_code(served, http):
+    worker, deployment = served, served.deployment
     # An instance whose code begins with 0: sent as a JSON number, it must be left-padded.
     iid = next(i for i in (uuid.uuid4().hex for _ in itertools.count())
                if draw_code(TEST_CODE_KEY.encode(), i, 4).startswith("0"))
@@ -204,8 +217,8 @@ async def test_start_with_a_json_string_then_wrong_codes_fail(deployment, start_
     assert_no_secrets(done, iid, code)
 
 
-async def test_terminate(start_worker, http):
-    worker = start_worker()
+async def test_terminate(served, http):
+    worker = served
     status, body, _ = await post(http, f"{base(worker)}/verifications", PHONE)
     terminate = body["terminatePostUri"].replace("{text}", "changed my mind")
     status, answer, _ = await post(http, terminate, raw=b"")
@@ -239,8 +252,8 @@ async def test_no_reply_in_time_is_504(start_worker, http):
     assert status == 504 and "may still take effect" in answer["error"]
 
 
-async def test_the_seeds_own_requests_work_unchanged(deployment, start_worker, http):
-    worker = start_worker()
+async def test_the_seeds_own_requests_work_unchanged(served, http):
+    worker, deployment = served, served.deployment
     status, body, headers = await post(
         http, f"{base(worker)}/orchestrators/E4_SmsPhoneVerification", "+1 425-555-0162")
     assert status == 202
@@ -310,10 +323,10 @@ async def test_commands_reach_the_owning_worker_from_either(start_worker, http):
     assert await owner(a, iid_b) == "b" and await owner(b, iid_a) == "a"
 
 
-async def test_azure_functions_forms_the_api_prefix_and_the_key(deployment, start_worker):
+async def test_azure_functions_forms_the_api_prefix_and_the_key(served):
     """As a seed client on Azure Functions calls it: under /api, the key as ``?code=`` or in
     ``x-functions-key``; the key is never echoed in a URI nor logged."""
-    worker = start_worker()
+    worker, deployment = served, served.deployment
     secret = "test-api-key"
     async with aiohttp.ClientSession() as anonymous:
         status, body, headers = await post(
@@ -346,8 +359,8 @@ async def test_azure_functions_forms_the_api_prefix_and_the_key(deployment, star
     assert secret not in worker.log()
 
 
-async def test_unknown_routes_and_methods_answer_json(start_worker, http):
-    worker = start_worker()
+async def test_unknown_routes_and_methods_answer_json(served, http):
+    worker = served
     for method, path, status, words in (
             ("GET", "/nothing/here", 404, "no such route: /nothing/here"),
             ("GET", "/api", 404, "no such route"),
