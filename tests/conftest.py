@@ -10,7 +10,7 @@ import pytest
 
 from phoneverify.ops.broker.local import from_env
 
-from support import Deployment, Worker
+from support import Deployment, Worker, stop_all
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +52,7 @@ def start_worker(request: pytest.FixtureRequest,
         return worker.start()
 
     yield start
-    for worker in workers:
-        worker.stop()
+    stop_all(workers)
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
         for worker in workers:
