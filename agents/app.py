@@ -6,6 +6,7 @@ partition count first (:func:`phoneverify.topics.ensure_topics`), then starts Fa
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -38,6 +39,12 @@ class Worker(faust.Worker):
     def _install_signal_handlers_unix(self) -> None:
         super()._install_signal_handlers_unix()
         stopping.faust_handlers_in(self)
+
+    async def _sentinel_task(self) -> None:
+        """The last turn before the event loop closes, once everything has stopped and every
+        task is gathered: mode waits a whole second here, every stop; a tenth lets what
+        closing connections scheduled run."""
+        await asyncio.sleep(0.1)
 
 
 app = faust.App(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 import logging.config
 import os
@@ -41,6 +42,10 @@ def run_worker(argv: list[str] | None = None) -> None:
             "stopped by %s while starting (nothing was consuming yet)", stop.signal.name)
         raise SystemExit(0) from None
     stopping.handing_over()  # from here a stop signal is acted on once Faust's handlers are in
+    # What is loaded by now (modules, classes, settings: about 100,000 objects) lives as long
+    # as the process: out of the collector's sight, each full collection is cheap. Faust runs
+    # one per table at every rebalance and at stop (0.1 to 0.5 s each, more on a busy machine).
+    gc.freeze()
     app.main()
 
 
