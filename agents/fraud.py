@@ -4,11 +4,14 @@ Reads ``verification.guard`` and ``verification.fraud`` (co-partitioned: both ke
 prefix ``+1425555``, the country ``US``, or ``ip:<address>``) and keeps each key's state
 (:mod:`phoneverify.models.fraud`) in the ``guard`` table:
 
-- **deliveries and conclusions** from the actor, keyed by the number's prefix: each delivery
-  is judged (converted, or not), the judgments of a batch are forwarded to the prefix's
-  country (``Judged``), and a prefix or country that converts too little is blocked: a
-  ``FraudBlock`` on ``verification.fraud``. A tick judges deliveries left unanswered for
-  ``FRAUD_ANSWER_SECONDS`` and ends blocks whose time is over;
+- **deliveries and conclusions** from the actor, keyed by the number's prefix: each
+  verification's deliveries wait for their answer under a key of their own
+  (``waiting:<instance_id>``, in the prefix's partition) and are judged (converted, or not)
+  into the prefix's counts per time bucket; the judgments of a batch are forwarded to the
+  prefix's country (``Judged``), and a prefix or country that converts too little is blocked:
+  a ``FraudBlock`` on ``verification.fraud``. A tick judges deliveries left unanswered for
+  ``FRAUD_ANSWER_SECONDS`` (its cost follows the deliveries due) and ends blocks whose time is
+  over;
 - **operators' blocks and unblocks**, read back from ``verification.fraud`` (the guard's own
   records come back too and change nothing);
 - **starts and resends carrying a client address** (from intake and the actor): admitted
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -37,6 +41,7 @@ from phoneverify.agents.records import dead_letter, describe, tick_time
 from phoneverify.models import fraud
 from phoneverify.models.fraud import (
     ADDRESS,
+    WAITING,
     Address,
     Concluded,
     Delivered,
@@ -44,6 +49,7 @@ from phoneverify.models.fraud import (
     Judged,
     Judgment,
     Level,
+    Waiting,
     Watch,
 )
 from phoneverify.models.messages import Admission, PhoneDelivery, PhoneStart
@@ -51,6 +57,7 @@ from phoneverify.ops import metrics
 from phoneverify.topics import partition_for
 
 log = logging.getLogger("phoneverify")
+_COUNTRY = re.compile(r"^[A-Z]{2}$")
 policy = settings.fraud_policy
 
 _REQUEST: TypeAdapter[Delivered | Concluded | Judged | PhoneStart | PhoneDelivery] = \
@@ -66,19 +73,24 @@ app.on_partitions_revoked.connect(due.forget_all)
 
 
 def level_of(key: str) -> Level | None:
-    """A table key's kind: a prefix, a country, or (None) a client address."""
-    if key.startswith(ADDRESS):
+    """A table key's level: a prefix, a country, or (None) a client address or a
+    verification's deliveries waiting for their answer."""
+    if key.startswith((ADDRESS, WAITING)):
         return None
     return "prefix" if key.startswith("+") else "country"
 
 
-def _model(key: str) -> type[Watch] | type[Address]:
-    return Address if level_of(key) is None else Watch
+def _model(key: str) -> type[Watch] | type[Address] | type[Waiting]:
+    if key.startswith(ADDRESS):
+        return Address
+    return Waiting if key.startswith(WAITING) else Watch
 
 
 def _due(key: str, state: BaseModel) -> datetime | None:
     if isinstance(state, Address):
         return fraud.address_due(state, settings.http_ip_window_seconds)
+    if isinstance(state, Waiting):
+        return fraud.waiting_due(state, policy)
     assert isinstance(state, Watch)
     return fraud.next_due(state, policy)
 
@@ -154,36 +166,51 @@ class Batch:
         if isinstance(request, PhoneStart | PhoneDelivery):
             await self.address(key, partition, request)
         elif isinstance(request, Judged):
-            if level_of(key) != "country":
+            if not _COUNTRY.fullmatch(key):
                 raise ValueError("record key must be a country (ISO region code)")
-            watch = fraud.count(self.watch(key, partition), Judgment(request.judged,
-                                                                     request.converted),
-                                request.at, policy)
-            await self.judge(key, partition, "country", watch, request.at)
+            await self.count(key, partition, "country",
+                             Judgment(request.judged, request.converted), request.at)
         elif settings.fraud_guard and not fraud.is_safe(request.phone_number, policy):
             if key != fraud.prefix_of(request.phone_number):
                 raise ValueError("record key must be the number's prefix")
-            watch = self.watch(key, partition)
+            # The verification's deliveries wait under a key of their own: a record costs
+            # the same however many wait in the prefix.
+            waiting_key = WAITING + request.instance_id
+            waiting = self.waiting(waiting_key, partition)
             if isinstance(request, Delivered):
-                watch = fraud.deliver(watch, request.instance_id, request.at,
-                                      fraud.country_of(request.phone_number))
-            else:
-                watch, judgment = fraud.conclude(watch, request.instance_id, request.verified,
-                                                 request.at, policy)
-                self.judged(watch, judgment, request.at)
-            await self.judge(key, partition, "prefix", watch, request.at)
+                country = waiting.country or fraud.country_of(request.phone_number)
+                self.states.put(waiting_key, partition,
+                                fraud.deliver(waiting, key, country, request.at))
+            elif not waiting.is_empty:
+                after, judgment = fraud.conclude(waiting, request.verified)
+                self.states.put(waiting_key, partition, after)
+                await self.judged(waiting, partition, judgment, request.at)
 
     def watch(self, key: str, partition: int) -> Watch:
         state = self.states.get(key, partition)
         assert isinstance(state, Watch)
         return state
 
-    def judged(self, watch: Watch, judgment: Judgment, at: datetime) -> None:
-        """Forward a prefix's judgments to its country (once per batch)."""
-        if not judgment.judged or watch.country is None:
+    def waiting(self, key: str, partition: int) -> Waiting:
+        state = self.states.get(key, partition)
+        assert isinstance(state, Waiting)
+        return state
+
+    async def judged(self, waiting: Waiting, partition: int, judgment: Judgment,
+                     at: datetime) -> None:
+        """Count a verification's judged deliveries for its prefix (in the same partition),
+        and forward them to its country (summed, once per batch)."""
+        if not judgment.judged:
             return
-        before, when = self.forward.get(watch.country, (Judgment(), at))
-        self.forward[watch.country] = (before + judgment, max(when, at))
+        await self.count(waiting.prefix, partition, "prefix", judgment, at)
+        if waiting.country is not None:
+            before, when = self.forward.get(waiting.country, (Judgment(), at))
+            self.forward[waiting.country] = (before + judgment, max(when, at))
+
+    async def count(self, key: str, partition: int, level: Level, judgment: Judgment,
+                    at: datetime) -> None:
+        watch = fraud.count(self.watch(key, partition), judgment, at, policy)
+        await self.judge(key, partition, level, watch, at)
 
     async def judge(self, key: str, partition: int, level: Level, watch: Watch,
                     now: datetime) -> None:
@@ -264,10 +291,18 @@ class Batch:
                 self.states.put(key, partition, fraud.prune_address(
                     state, now, settings.http_ip_window_seconds))
                 continue
+            if isinstance(state, Waiting):
+                if state.is_empty:
+                    continue  # concluded since, and deleted
+                waiting, judgment = fraud.expire(state, now, policy)
+                if judgment.judged:
+                    self.states.put(key, partition, waiting)
+                    await self.judged(state, partition, judgment, now)
+                elif (when := fraud.waiting_due(state, policy)) is not None:
+                    due.schedule(partition, when.timestamp(), raw)  # popped before its time
+                continue
             assert isinstance(state, Watch) and level is not None
-            watch, judgment = fraud.expire(state, now, policy)
-            self.judged(watch, judgment, now)
-            watch, record = fraud.lift(watch, level, key, now, policy)
+            watch, record = fraud.lift(state, level, key, now, policy)
             if record is not None:
                 log.info("fraud guard: the block of %s %s ended", level, key)
                 await self.publish(record)

@@ -4,15 +4,17 @@ and the limit of starts per client address. Pure: time comes in as arguments.
 - A **prefix** is an E.164 number without its last 4 digits (``+1425555``); a **country** its
   ISO region (``US``). Each is *watched*: its state (:class:`Watch`) counts judged deliveries
   and how many of them converted, in buckets over ``window`` seconds.
-- A prefix's watch follows each delivery: *converted* when its verification is verified,
-  *unconverted* once ``answer`` seconds pass without that, or when it concludes otherwise.
-  Each judgment counts for the prefix, and is forwarded to the country's watch.
+- Each verification's deliveries wait for their answer in a state of their own
+  (:class:`Waiting`): *converted* when it is verified, *unconverted* once ``answer`` seconds
+  pass without that, or when it concludes otherwise. Each judgment counts for the prefix (a
+  :class:`Watch` holds only counts per time bucket and its block, so a record costs the same
+  however many deliveries wait in the prefix), and is forwarded to the country's watch.
 - A watch with at least ``min_sends`` judged deliveries in the window (``prefix_min_sends`` or
   ``country_min_sends``) and a conversion below ``min_conversion`` is blocked for ``block``
   seconds (:func:`judge`); the block ends by itself (:func:`lift`) or by an operator.
   Numbers under ``FRAUD_SAFE_PREFIXES`` are neither watched nor refused.
-- **Per client address**: at most ``limit`` starts in any ``window`` seconds
-  (:func:`admit_address`), starts named by their origin so a redelivered one counts once.
+- **Per client address**: at most ``limit`` starts and resends in any ``window`` seconds
+  (:func:`admit_address`), each named by its origin so a redelivered one counts once.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ from phoneverify.models.messages import Message, UtcTime
 Level = Literal["prefix", "country"]
 #: The guard's key of a client address: ``ip:198.51.100.7``.
 ADDRESS = "ip:"
-#: Most deliveries a prefix's watch keeps waiting for their answer; more are not followed (the
-#: state stays well within one Kafka record). The first thousand are judged all the same: a
-#: pumping run into one prefix is blocked once they are, a burst of answered ones converts.
-MAX_PENDING = 1000
+#: The guard's key of a verification's deliveries waiting for their answer:
+#: ``waiting:<instance_id>`` (in its prefix's partition).
+WAITING = "waiting:"
+#: Most deliveries one verification's :class:`Waiting` follows (a verification makes at most
+#: 1 + ``RESEND_LIMIT`` + its fallbacks; more can only come from a bogus record).
+MAX_DELIVERIES = 32
 _PREFIX = re.compile(r"^\+[0-9]{1,14}$")
 _COUNTRY = re.compile(r"^[A-Za-z]{2}$")
 
@@ -229,11 +233,18 @@ class Judgment(NamedTuple):
         return Judgment(self.judged + other.judged, self.converted + other.converted)
 
 
-class Delivery(_Frozen):
-    """A verification's deliveries waiting for their answer."""
+class Waiting(_Frozen):
+    """One verification's deliveries waiting for their answer: a table key of its own
+    (``waiting:<instance_id>``), so its prefix's state does not grow with them."""
 
-    instance_id: str
-    at: tuple[UtcTime, ...]
+    prefix: str = ""
+    #: The country its judgments also count for.
+    country: str | None = None
+    at: tuple[UtcTime, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.at
 
 
 class Block(_Frozen):
@@ -243,65 +254,49 @@ class Block(_Frozen):
 
 
 class Watch(_Frozen):
-    """One prefix's or country's state."""
+    """One prefix's or country's state: judged deliveries per time bucket, and its block.
+    At most :func:`bucket_width`'s 60 buckets (61 across a boundary): bounded."""
 
-    #: For a prefix: the country its judgments also count for.
-    country: str | None = None
-    pending: tuple[Delivery, ...] = ()
+    #: Fields a state written by an older version holds (its deliveries waiting) are ignored.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
     #: ``(bucket start, judged, converted)``, oldest first.
     judged: tuple[tuple[UtcTime, int, int], ...] = ()
     block: Block | None = None
 
     @property
     def is_empty(self) -> bool:
-        return not (self.pending or self.judged or self.block)
+        return not (self.judged or self.block)
 
 
-def deliver(watch: Watch, instance_id: str, at: datetime, country: str | None) -> Watch:
-    """A delivery to a number of this prefix, waiting for its answer (past
-    :data:`MAX_PENDING` waiting, it is not followed)."""
-    pending = list(watch.pending)
-    for n, delivery in enumerate(pending):
-        if delivery.instance_id == instance_id:
-            if at in delivery.at:
-                return watch  # the same delivery reported again
-            pending[n] = Delivery(instance_id=instance_id, at=(*delivery.at, at))
-            break
-    else:
-        pending.append(Delivery(instance_id=instance_id, at=(at,)))
-    if sum(len(d.at) for d in pending) > MAX_PENDING:
-        return watch
-    return watch.model_copy(update={"pending": tuple(pending),
-                                    "country": watch.country or country})
+def deliver(waiting: Waiting, prefix: str, country: str | None, at: datetime) -> Waiting:
+    """A delivery to a number of ``prefix``, waiting for its answer (a delivery reported
+    again changes nothing)."""
+    if at in waiting.at or len(waiting.at) >= MAX_DELIVERIES:
+        return waiting
+    return Waiting(prefix=prefix, country=waiting.country or country, at=(*waiting.at, at))
 
 
-def conclude(watch: Watch, instance_id: str, verified: bool, at: datetime,
-             policy: Policy) -> tuple[Watch, Judgment]:
-    """The verification concluded: its deliveries still waiting are judged now."""
-    delivery = next((d for d in watch.pending if d.instance_id == instance_id), None)
-    if delivery is None:
-        return watch, Judgment()  # judged before (no answer in time), or never seen here
-    judgment = Judgment(len(delivery.at), len(delivery.at) if verified else 0)
-    after = watch.model_copy(update={
-        "pending": tuple(d for d in watch.pending if d.instance_id != instance_id)})
-    return count(after, judgment, at, policy), judgment
+def conclude(waiting: Waiting, verified: bool) -> tuple[Waiting, Judgment]:
+    """The verification concluded: its deliveries still waiting are judged now (none: they
+    were judged before, no answer in time, or never seen here)."""
+    n = len(waiting.at)
+    return Waiting(), Judgment(n, n if verified else 0)
 
 
-def expire(watch: Watch, now: datetime, policy: Policy) -> tuple[Watch, Judgment]:
+def expire(waiting: Waiting, now: datetime, policy: Policy) -> tuple[Waiting, Judgment]:
     """Deliveries unanswered for ``answer`` seconds are judged unconverted."""
     since = now - timedelta(seconds=policy.answer)
-    pending, late = [], 0
-    for delivery in watch.pending:
-        kept = tuple(t for t in delivery.at if t > since)
-        late += len(delivery.at) - len(kept)
-        if kept:
-            pending.append(delivery if len(kept) == len(delivery.at)
-                           else Delivery(instance_id=delivery.instance_id, at=kept))
+    kept = tuple(t for t in waiting.at if t > since)
+    late = len(waiting.at) - len(kept)
     if not late:
-        return watch, Judgment()
-    judgment = Judgment(late, 0)
-    return count(watch.model_copy(update={"pending": tuple(pending)}), judgment, now,
-                 policy), judgment
+        return waiting, Judgment()
+    return waiting.model_copy(update={"at": kept}), Judgment(late, 0)
+
+
+def waiting_due(waiting: Waiting, policy: Policy) -> datetime | None:
+    """When its first delivery's answer window ends."""
+    return min(waiting.at) + timedelta(seconds=policy.answer) if waiting.at else None
 
 
 def count(watch: Watch, judgment: Judgment, at: datetime, policy: Policy) -> Watch:
@@ -378,9 +373,9 @@ def prune(watch: Watch, now: datetime, policy: Policy) -> Watch:
 
 
 def next_due(watch: Watch, policy: Policy) -> datetime | None:
-    """When a tick must next look at the watch: a delivery's answer window ends, a block
-    ends, or a bucket leaves the window."""
-    times = [min(d.at) + timedelta(seconds=policy.answer) for d in watch.pending]
+    """When a tick must next look at the watch: a block ends, or a bucket leaves the
+    window."""
+    times: list[datetime] = []
     if watch.block is not None:
         times.append(watch.block.until)
     if watch.judged:

@@ -10,11 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from phoneverify.models.fraud import (
-    MAX_PENDING,
+    MAX_DELIVERIES,
     Address,
     FraudBlock,
     Judgment,
     Policy,
+    Waiting,
     Watch,
     admit_address,
     apply,
@@ -37,6 +38,7 @@ from phoneverify.models.fraud import (
     prune_address,
     refusal,
     totals,
+    waiting_due,
 )
 
 T0 = datetime(2026, 12, 4, 1, 0, 0, tzinfo=UTC)
@@ -49,13 +51,20 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def delivered(n: int, watch: Watch | None = None, every: float = 0.5,
-              first: int = 0) -> Watch:
-    """Given ``n`` deliveries to the prefix, ``every`` seconds apart."""
-    watch = watch or Watch()
-    for i in range(first, first + n):
-        watch = deliver(watch, f"v{i}", at(i * every), "GB")
-    return watch
+def delivered(n: int, every: float = 0.5, first: int = 0) -> dict[str, Waiting]:
+    """Given ``n`` verifications with a delivery each to the prefix, ``every`` seconds apart:
+    their deliveries waiting for an answer, by instance id."""
+    return {f"v{i}": deliver(Waiting(), PREFIX, "GB", at(i * every))
+            for i in range(first, first + n)}
+
+
+def expired(waiting: dict[str, Waiting], now: datetime) -> tuple[dict[str, Waiting], Judgment]:
+    """A tick at ``now``: the deliveries past their answer window, judged."""
+    after, judgment = {}, Judgment()
+    for iid, one in waiting.items():
+        after[iid], judged = expire(one, now, POLICY)
+        judgment += judged
+    return after, judgment
 
 
 # ---------------------------------------------------------------- keys
@@ -85,39 +94,49 @@ def test_a_malformed_key_is_refused_with_its_reason(text):
 
 
 def test_given_deliveries_when_verified_then_they_are_judged_converted():
-    watch = delivered(3)
-    watch, judgment = conclude(watch, "v1", True, at(5), POLICY)
-    assert judgment == Judgment(1, 1)
-    watch, judgment = conclude(watch, "v2", False, at(6), POLICY)
+    waiting = delivered(3)
+    concluded, judgment = conclude(waiting["v1"], True)
+    assert judgment == Judgment(1, 1) and concluded.is_empty
+    watch = count(Watch(), judgment, at(5), POLICY)
+    _, judgment = conclude(waiting["v2"], False)
     assert judgment == Judgment(1, 0)
+    watch = count(watch, judgment, at(6), POLICY)
     assert totals(watch, at(6), POLICY) == Judgment(2, 1)
-    assert [d.instance_id for d in watch.pending] == ["v0"]
 
 
 def test_given_deliveries_when_the_answer_window_passes_then_they_are_judged_unconverted():
-    watch = delivered(4, every=10)  # at 0, 10, 20, 30
-    watch, judgment = expire(watch, at(75), POLICY)  # 0 and 10 are past 60 s
+    waiting = delivered(4, every=10)  # at 0, 10, 20, 30
+    waiting, judgment = expired(waiting, at(75))  # 0 and 10 are past 60 s
     assert judgment == Judgment(2, 0)
     # a verification verified after its answer window does not count again
-    watch, judgment = conclude(watch, "v0", True, at(80), POLICY)
-    assert judgment == Judgment()
-    assert totals(watch, at(80), POLICY) == Judgment(2, 0)
+    assert conclude(waiting["v0"], True)[1] == Judgment()
+    assert conclude(waiting["v2"], True)[1] == Judgment(1, 1)
 
 
 def test_a_delivery_reported_twice_counts_once_and_a_resend_counts_again():
-    watch = delivered(1)
-    assert deliver(watch, "v0", at(0), "GB") == watch
-    resent = deliver(watch, "v0", at(30), "GB")
-    _, judgment = conclude(resent, "v0", True, at(40), POLICY)
-    assert judgment == Judgment(2, 2)
+    waiting = delivered(1)["v0"]
+    assert deliver(waiting, PREFIX, "GB", at(0)) == waiting
+    resent = deliver(waiting, PREFIX, "GB", at(30))
+    assert waiting_due(resent, POLICY) == at(60)  # the first delivery's window ends first
+    assert conclude(resent, True)[1] == Judgment(2, 2)
+    many = resent
+    for n in range(100):  # a bogus stream: one verification follows a bounded number
+        many = deliver(many, PREFIX, "GB", at(31 + n))
+    assert len(many.at) == MAX_DELIVERIES
 
 
-def test_pending_deliveries_are_bounded_the_first_ones_are_judged():
-    watch = delivered(MAX_PENDING, every=0.01)
-    assert deliver(watch, "one-more", at(20), "GB") == watch  # not followed
-    watch, judgment = expire(watch, at(20 + POLICY.answer), POLICY)
-    assert judgment == Judgment(MAX_PENDING, 0)
-    assert judge(watch, "prefix", PREFIX, at(100), POLICY)[1] is not None
+def test_a_prefix_keeps_counts_not_deliveries_however_many_wait():
+    """10,000 deliveries waiting in one prefix: each has its own state; the prefix's stays
+    within its 61 buckets, and all of them are judged."""
+    waiting = delivered(10_000, every=0.01)
+    waiting, judgment = expired(waiting, at(100 + POLICY.answer))
+    assert judgment == Judgment(10_000, 0)
+    watch = Watch()
+    for second in range(0, 3600, 7):  # judgments spread over the whole window
+        watch = count(watch, Judgment(1, 1), at(second), POLICY)
+    assert len(watch.judged) <= 61
+    assert judge(count(watch, judgment, at(3600), POLICY), "prefix", PREFIX, at(3600),
+                 POLICY)[1] is not None
 
 
 # ---------------------------------------------------------------- blocking
@@ -125,9 +144,8 @@ def test_pending_deliveries_are_bounded_the_first_ones_are_judged():
 
 def pumped(n: int) -> Watch:
     """Given ``n`` deliveries to one prefix nobody answered, judged after the answer window."""
-    watch = delivered(n)
-    watch, _ = expire(watch, at(n * 0.5 + POLICY.answer), POLICY)
-    return watch
+    now = at(n * 0.5 + POLICY.answer)
+    return count(Watch(), expired(delivered(n), now)[1], now, POLICY)
 
 
 def test_given_min_sends_unanswered_then_the_prefix_is_blocked_with_its_figures():
@@ -144,13 +162,14 @@ def test_given_min_sends_unanswered_then_the_prefix_is_blocked_with_its_figures(
 
 
 def test_a_conversion_at_the_minimum_is_not_blocked_below_it_is():
-    watch = delivered(20)
+    waiting, watch = delivered(20), Watch()
     for i in range(4):  # 4 of 20 = 0.2
-        watch, _ = conclude(watch, f"v{i}", True, at(20), POLICY)
-    watch, _ = expire(watch, at(200), POLICY)
+        waiting[f"v{i}"], judgment = conclude(waiting[f"v{i}"], True)
+        watch = count(watch, judgment, at(20), POLICY)
+    watch = count(watch, expired(waiting, at(200))[1], at(200), POLICY)
     assert judge(watch, "prefix", PREFIX, at(200), POLICY)[1] is None
-    watch = delivered(1, watch, first=20)
-    watch, _ = conclude(watch, "v20", False, at(201), POLICY)  # 4 of 21
+    _, judgment = conclude(delivered(1, first=20)["v20"], False)  # 4 of 21
+    watch = count(watch, judgment, at(201), POLICY)
     assert judge(watch, "prefix", PREFIX, at(201), POLICY)[1] is not None
 
 
@@ -197,9 +216,13 @@ def test_an_operator_block_and_unblock_apply_and_the_guards_own_record_changes_n
 
 
 def test_next_due_is_the_first_answer_window_block_end_or_bucket_to_leave():
-    watch = delivered(2, every=10)
-    assert next_due(watch, POLICY) == at(60)
+    assert waiting_due(delivered(1, first=20)["v20"], POLICY) == at(10 + 60)
+    assert waiting_due(Waiting(), POLICY) is None
     assert next_due(Watch(), POLICY) is None
+    watch = pumped(20)  # its bucket starts at 60 s (60-second buckets over an hour)
+    assert next_due(watch, POLICY) == at(60 + 3600)
+    watch, _ = judge(watch, "prefix", PREFIX, at(100), POLICY)
+    assert next_due(watch, POLICY) == at(60 + 3600)  # before the block's end (12 h)
 
 
 # ---------------------------------------------------------------- refusing
