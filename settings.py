@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     fraud_safe_prefixes: str = Field(
         "", description="E.164 prefixes never blocked, comma-separated")
     http_starts_per_ip: int = Field(
-        20, ge=0, description="HTTP starts per client address per window (0: no limit)")
+        20, ge=0, description="HTTP starts and resends per client address per window (0: no limit)")
     http_ip_window_seconds: float = Field(
         3600.0, gt=0, description="the window of HTTP_STARTS_PER_IP")
     trusted_proxies: str = Field(

@@ -882,7 +882,8 @@ def profile_report(args: argparse.Namespace, d: Deployment, results: Results) ->
 def guard_cost(args: argparse.Namespace) -> dict[bool, Throughput]:
     """Phase 7: the fraud guard's cost. The throughput phase again on fresh workers and
     deployments, FRAUD_GUARD off, on, on, off (``--guard-n`` verifications in all, answered,
-    in one prefix: the guard's worst case, one key holds every delivery waiting). The order
+    in one prefix: every judgment counts in one key; the deliveries waiting have keys of their
+    own, see ``bench/guard_cost.py`` for the cost as they grow). The order
     cancels a load that drifts during the run; the ratio of the two sums is the guard's cost
     (absolute figures move with the machine's load)."""
     total = args.guard_n if args.guard_n is not None else max(200, args.n // 2)

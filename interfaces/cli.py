@@ -561,7 +561,7 @@ async def cmd_fraud(args: argparse.Namespace) -> int:
                 record = await client.block(args.key, seconds)
                 _say_json(args, _block_json(record),
                           f"Blocked {record.level} {record.key} until "
-                          f"{_time(record.blocked_until)}: starts to it are refused.")
+                          f"{_time(record.blocked_until)}: starts and resends to it are refused.")
                 return OK
             try:
                 record = await client.unblock(args.key)

@@ -378,7 +378,7 @@ class VerificationClient:
 
     async def block(self, key: str, seconds: float) -> FraudBlock:
         """Block a prefix (``+44740012``) or a country (``GB``) for ``seconds``, as an
-        operator: starts to it are refused ``blocked_number`` on every worker."""
+        operator: starts and resends to it are refused ``blocked_number`` on every worker."""
         try:
             record = fraud.operator_block(key, seconds, datetime.now(UTC),
                                           self.settings.fraud_policy)

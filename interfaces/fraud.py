@@ -79,8 +79,9 @@ class Blocks(ApiView):
     async def get(self, request: web.Request) -> web.Response:
         return self.json([_document(block) for block in blocks.in_force()])
 
-    @openapi.operation("Block a prefix or a country: starts to it are refused", tags=("fraud",),
-                       body=BlockRequest, responses={201: BlockDocument, 400: ApiError})
+    @openapi.operation("Block a prefix or a country: starts and resends to it are refused",
+                       tags=("fraud",), body=BlockRequest,
+                       responses={201: BlockDocument, 400: ApiError})
     async def post(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         if not isinstance(body, dict) or "key" not in body or "seconds" not in body:
