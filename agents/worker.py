@@ -60,6 +60,7 @@ def _prepare(argv: list[str] | None = None) -> faust.App:
         json_logging,
         quiet_bad_requests,
         quiet_harmless_startup_errors,
+        quiet_late_ticks,
         quiet_rebalances,
         quiet_starved_loop,
     )
@@ -83,6 +84,7 @@ def _prepare(argv: list[str] | None = None) -> faust.App:
     quiet_bad_requests()
     quiet_starved_loop()
     quiet_rebalances()
+    quiet_late_ticks()
     logging.getLogger("twilio.http_client").setLevel(logging.WARNING)  # headers of each send
     log = logging.getLogger("phoneverify")
     say = log.info

@@ -11,7 +11,9 @@ with a note saying so. Later, or with any other error, the record is left as it 
 coordinator that stays unavailable (for example ``__consumer_offsets`` asking for more
 replicas than there are brokers) must still show as an error. Likewise aiokafka's
 "Failed fetch offsets ... NotLeaderForPartitionError" for a topic the worker has just created
-(the broker names a leader a moment before that leader serves it).
+(the broker names a leader a moment before that leader serves it), and the warnings
+"Marking the coordinator dead" that a brand-new broker causes while it loads
+``__consumer_offsets`` (six of them, in a newcomer's first ``make run``).
 """
 
 from __future__ import annotations
@@ -35,28 +37,33 @@ FETCHER_LOGGER = "aiokafka.consumer.fetcher"
 OFFSETS_FAILED = "Failed fetch offsets from %s: %s"
 OFFSETS_NOTE = (" (harmless at startup: a partition's leader is not ready yet, on a topic"
                 " just created or a broker failing over; the consumer retries)")
+COORDINATOR_DEAD = "Marking the coordinator dead (node %s)for group %s."
+DEAD_NOTE = (" (harmless at startup: on a new broker the group's coordinator is still loading"
+             " __consumer_offsets and turns the worker away; the consumer finds it again)")
 STARTUP_SECONDS = 60.0
 
-#: What is harmless at startup: (logger, message, the error among its arguments, the note).
+#: What is harmless at startup: (logger, message, the error among its arguments or None, the
+#: note).
 HARMLESS = ((COORDINATOR_LOGGER, COORDINATOR_FAILED, GroupCoordinatorNotAvailableError, NOTE),
-            (FETCHER_LOGGER, OFFSETS_FAILED, NotLeaderForPartitionError, OFFSETS_NOTE))
+            (FETCHER_LOGGER, OFFSETS_FAILED, NotLeaderForPartitionError, OFFSETS_NOTE),
+            (COORDINATOR_LOGGER, COORDINATOR_DEAD, None, DEAD_NOTE))
 
 
 class HarmlessStartupErrors(logging.Filter):
-    """Downgrades the errors in :data:`HARMLESS` to INFO, with their note, within ``window``
-    seconds of install."""
+    """Downgrades the errors and warnings in :data:`HARMLESS` to INFO, with their note, within
+    ``window`` seconds of install."""
 
     def __init__(self, window: float = STARTUP_SECONDS) -> None:
         super().__init__()
         self.until = time.monotonic() + window
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.ERROR or time.monotonic() >= self.until:
+        if record.levelno < logging.WARNING or time.monotonic() >= self.until:
             return True
         for logger, message, error, note in HARMLESS:
             if (record.name == logger and record.msg == message
-                    and isinstance(record.args, tuple) and record.args
-                    and isinstance(record.args[-1], error)):
+                    and (error is None or (isinstance(record.args, tuple) and record.args
+                                           and isinstance(record.args[-1], error)))):
                 record.levelno = logging.INFO
                 record.levelname = logging.getLevelName(logging.INFO)
                 record.msg = message + note
@@ -226,3 +233,29 @@ class RebalanceIsInfo(logging.Filter):
 
 def quiet_rebalances() -> None:
     logging.getLogger(COORDINATOR_LOGGER).addFilter(RebalanceIsInfo())
+
+
+# ---------------------------------------------------------------- a late tick
+
+TIMERS_LOGGER = "mode.timers"
+OVERLAPPING = "Timer %s is overlapping (interval=%r runtime=%r)"
+LATE_TICKS = ("ticks are late: sending one took %.1f s, longer than TICK_INTERVAL_SECONDS "
+              "(%g s), so expiries ran up to that much late (a busy machine, or a slow broker)")
+
+
+class LateTicksInWords(logging.Filter):
+    """mode warns ``Timer phoneverify.agents.ticker.ticker is overlapping (interval=1.0
+    runtime=1.418...)`` when the ticker's sends take longer than its interval (seen on a
+    loaded laptop in a newcomer's first ``make run``). It stays a WARNING (expiry is promised
+    within one tick interval), said in words: what is late, by how much, and why."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (record.msg == OVERLAPPING and isinstance(args, tuple) and len(args) == 3
+                and str(args[0]).endswith(".ticker")):
+            record.msg, record.args = LATE_TICKS, (float(args[2]), float(args[1]))
+        return True
+
+
+def quiet_late_ticks() -> None:
+    logging.getLogger(TIMERS_LOGGER).addFilter(LateTicksInWords())

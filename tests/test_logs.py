@@ -1,4 +1,5 @@
-"""The startup log filter: the one harmless aiokafka error at startup is INFO, nothing else."""
+"""The startup log filter: the harmless aiokafka errors and warnings at startup are INFO,
+nothing else."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiokafka.errors import (
 )
 
 from phoneverify.ops.logs import (
+    COORDINATOR_DEAD,
     COORDINATOR_FAILED,
     COORDINATOR_LOGGER,
     FETCHER_LOGGER,
@@ -54,6 +56,17 @@ def test_no_leader_yet_for_a_new_topic_is_info_with_a_note(
     assert "harmless at startup" in record.getMessage()
 
 
+def test_the_coordinator_dead_on_a_new_broker_is_info_with_a_note(
+        installed: HarmlessStartupErrors, caplog: pytest.LogCaptureFixture) -> None:
+    # A newcomer's first `make run` logged it six times as a WARNING, on a broker just started.
+    coordinator.warning(COORDINATOR_DEAD, 1, "phoneverify")
+
+    [record] = caplog.records
+    assert record.levelno == logging.INFO
+    assert record.getMessage().startswith("Marking the coordinator dead (node 1)for group "
+                                          "phoneverify. (harmless at startup")
+
+
 def test_other_errors_stay_errors(installed: HarmlessStartupErrors,
                                   caplog: pytest.LogCaptureFixture) -> None:
     coordinator.error(COORDINATOR_FAILED, KafkaConnectionError())
@@ -66,16 +79,17 @@ def test_other_errors_stay_errors(installed: HarmlessStartupErrors,
 
 
 def test_after_startup_it_is_an_error_again(caplog: pytest.LogCaptureFixture) -> None:
-    """A coordinator that stays unavailable (say, too few brokers for __consumer_offsets)."""
+    """A coordinator that stays unavailable (say, too few brokers for __consumer_offsets), or
+    one lost later (a broker failing over)."""
     harmless = quiet_harmless_startup_errors(window=0)
     try:
         coordinator.error(COORDINATOR_FAILED, GroupCoordinatorNotAvailableError())
+        coordinator.warning(COORDINATOR_DEAD, 1, "phoneverify")
     finally:
         coordinator.removeFilter(harmless)
 
-    [record] = caplog.records
-    assert record.levelno == logging.ERROR
-    assert "harmless" not in record.getMessage()
+    assert [r.levelno for r in caplog.records] == [logging.ERROR, logging.WARNING]
+    assert not [r for r in caplog.records if "harmless" in r.getMessage()]
 
 
 def test_installing_twice_adds_one_filter(installed: HarmlessStartupErrors) -> None:
@@ -83,6 +97,26 @@ def test_installing_twice_adds_one_filter(installed: HarmlessStartupErrors) -> N
 
     assert again is installed
     assert [f for f in coordinator.filters if isinstance(f, HarmlessStartupErrors)] == [again]
+
+
+def test_late_ticks_are_a_warning_in_words(caplog: pytest.LogCaptureFixture) -> None:
+    from phoneverify.ops.logs import OVERLAPPING, TIMERS_LOGGER, LateTicksInWords
+
+    timers = logging.getLogger(TIMERS_LOGGER)
+    late = LateTicksInWords()
+    timers.addFilter(late)
+    try:  # as mode logs it (mode/timers.py), for the ticker and for another timer
+        timers.warning(OVERLAPPING, "phoneverify.agents.ticker.ticker", 1.0, 1.4184183)
+        timers.warning(OVERLAPPING, "Monitor.sampler", 1.0, 1.2)
+    finally:
+        timers.removeFilter(late)
+
+    ticker, other = caplog.records
+    assert ticker.levelno == logging.WARNING
+    assert ticker.getMessage() == (
+        "ticks are late: sending one took 1.4 s, longer than TICK_INTERVAL_SECONDS (1 s), so "
+        "expiries ran up to that much late (a busy machine, or a slow broker)")
+    assert other.getMessage().startswith("Timer Monitor.sampler is overlapping")
 
 
 # ---------------------------------------------------------------- Faust's stall detector

@@ -15,7 +15,7 @@ from support import Client, Deployment
 #: mode's warning that a timer's run took longer than its interval: the test ticks every 0.2 s
 #: and a shared machine can make a tick's run take longer; at the default 1 s it means expiries
 #: run late, which is worth a warning.
-OVERLAP = "ticker is overlapping"
+OVERLAP = "ticks are late: sending one took"
 #: Faust's stall detector (every 2.5 s here) reports a partition as stalled after this long.
 STALL_SECONDS = "3"
 
