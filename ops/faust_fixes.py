@@ -41,6 +41,7 @@ positions are final.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
@@ -49,6 +50,7 @@ from typing import Any
 import faust.tables.recovery
 from aiokafka import TopicPartition
 from aiokafka.consumer.fetcher import PartitionRecords
+from aiokafka.errors import IllegalStateError
 from faust.tables.manager import TableManager
 from faust.tables.recovery import Recovery
 from faust.transport.conductor import Conductor
@@ -407,7 +409,8 @@ def _recording_seek(method: Callable[..., Awaitable[Mapping[TP, int]]]
                     ) -> Callable[..., Awaitable[Mapping[TP, int]]]:
     """Faust's ``seek_to_committed``, recording for each partition the committed offset it
     sought to: the next record delivered from it must have that offset (see
-    :func:`_drain_messages`)."""
+    :func:`_drain_messages`); and seeking each input partition where the group committed
+    nothing yet to its beginning (:func:`_from_the_beginning`)."""
 
     @functools.wraps(method)
     async def wrapper(self: AIOKafkaConsumer) -> Mapping[TP, int]:
@@ -419,10 +422,33 @@ def _recording_seek(method: Callable[..., Awaitable[Mapping[TP, int]]]
             rewound.pop(key, None)  # a new assignment: earlier re-reads say nothing of it
             if offset:
                 expected[key] = offset
+        await _from_the_beginning(self, committed)
         return committed
 
     setattr(wrapper, _PATCHED, True)
     return wrapper
+
+
+async def _from_the_beginning(self: AIOKafkaConsumer, committed: Mapping[Any, int | None]
+                              ) -> None:
+    """Seek the input partitions where the group committed nothing (or offset 0) to their
+    beginning, as ``auto_offset_reset=earliest`` promises.
+
+    aiokafka's ``seek_to_committed`` seeks only partitions with a committed offset above 0
+    and leaves the others where the fetcher is. After a rebalance that is past whatever the
+    fetcher took meanwhile: Faust drops a fetch that comes while its flow is suspended (it
+    counts on this seek to read it again). Under ``exactly_once`` a partition has no committed
+    offset until a transaction commits one, so when a worker frozen past its session had the
+    only transactions of a partition aborted, the records they had read were taken by the
+    new owner's fetcher during the rebalance, dropped, and never read again: a verification
+    never concluded (``tests/test_transactions.py``). Under ``at_least_once`` the same held
+    for a partition's first records before Faust's first commit there."""
+    unread = [tp for tp, offset in committed.items()
+              if not offset and self.app.topics.acks_enabled_for(tp.topic)]
+    if unread:
+        thread = self._thread  # type: ignore[attr-defined]
+        with contextlib.suppress(IllegalStateError):  # revoked meanwhile: seeks next time
+            await thread.call_thread(thread._ensure_consumer().seek_to_beginning, *unread)
 
 
 # ---------------------------------------------------------------- one wait_first per fetch
