@@ -68,7 +68,8 @@ class Worker:
                     "APP_ID": prefix.rstrip(".") + "-app", "DATA_DIR": str(data),
                     "WEB_PORT": str(self.port), "CODE_HASH_KEY": KEY, "API_KEY": "bench",
                     "PARTITIONS": "8", "RATE_LIMIT_STARTS": "1000000",
-                    "GUESS_LIMIT": "1000000", **env}
+                    "GUESS_LIMIT": "1000000",
+                    "PYTHONUNBUFFERED": "1", **env}  # its log is read while it runs
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> float:
@@ -163,6 +164,9 @@ async def restart(bootstrap: str, sizes: list[int], faust_too: bool = False) -> 
             try:
                 cold = await worker.until_status(newest, worker.start())
                 restore = restore_seconds(worker.log.read_text(errors="replace"))
+                for line in worker.log.read_text(errors="replace").splitlines():
+                    if "Done reading from changelog topics in batches" in line:
+                        say("  " + line.split("] ")[-1])
                 cold_rss = worker.rss_mib()
                 await asyncio.sleep(3)  # past the first ticks: the due index is built
                 settled_rss = worker.rss_mib()

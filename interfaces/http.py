@@ -533,6 +533,9 @@ async def _owned(request: web.Request, instance_id: str, serve: Any) -> web.Resp
         raise HttpError(503, "partitions are being assigned; retry") from None
     here = URL(str(app.conf.canonical_url))
     if (owner.host, owner.port) == (here.host, here.port):
+        if restoring():  # its store may lack the verification yet: "never started" would lie
+            raise HttpError(503, "this worker is restoring its tables from their changelogs; "
+                                 "retry")
         return await serve()
     if request.headers.get(ROUTED):
         raise HttpError(503, "this verification's partition is moving between workers; retry")
@@ -585,13 +588,18 @@ class Ready(web.View):
         return self.json(Readiness(status="ready").dump())
 
 
+def restoring() -> bool:
+    """Whether the tables are being recovered from their changelogs (not all there yet)."""
+    return bool(getattr(app, "in_recovery", False)) or not app.tables.recovery.completed.is_set()
+
+
 def not_ready() -> str:
     """Why the worker cannot serve its partitions yet, or ``""``."""
     if not app.consumer_generation_id:
         return "waiting to join the consumer group"
     if app.rebalancing:
         return "partitions are being assigned"
-    if getattr(app, "in_recovery", False) or not app.tables.recovery.completed.is_set():
+    if restoring():
         return "tables are being recovered from their changelogs"
     if settings.fraud_guard and not fraud_blocks.loaded.is_set():
         return "the fraud guard's blocks are being read (verification.fraud)"
