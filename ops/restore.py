@@ -21,6 +21,7 @@ restore. Standby partitions (followed all along) are left to Faust.
 The worker stays not ready meanwhile (``/readyz`` 503: Faust's recovery is under way). Faust
 bounds each step of its recovery by ``broker_request_timeout``; a restore that runs past half
 of it keeps what it wrote and starts Faust's recovery over, which goes on from there.
+If Kafka refuses the batched reads, Faust's own restore reads the rest.
 ``RESTORE_BATCH=false`` leaves restoring to Faust alone.
 """
 
@@ -33,6 +34,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.errors import KafkaError
 from faust.tables.recovery import Recovery
 from faust.types import TP
 from rocksdict import WriteBatch
@@ -146,8 +148,12 @@ def _batched(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[
         if not behind:
             return
         budget = float(self.app.conf.broker_request_timeout) / 2
-        if not await restore(self, behind, destination, budget):
-            self.signal_recovery_start.set()  # Faust starts over from what is stored now
+        try:
+            if not await restore(self, behind, destination, budget):
+                self.signal_recovery_start.set()  # Faust starts over from what is stored now
+        except KafkaError as error:  # Faust's restore reads the rest, from what was written
+            log.warning("restoring in batches failed (%r): Faust's restore reads the rest",
+                        error)
 
     setattr(wrapper, _PATCHED, True)
     return wrapper
