@@ -15,8 +15,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
-
 from support import ROOT, Client, Deployment, wait_until
 
 #: What a worker logs once it has started the transactional producers of partitions it was
@@ -39,12 +37,6 @@ def test_faust_exactly_once_stays_off_whatever_the_environment_says() -> None:
     assert in_transaction is False
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open defect (2026-12-04): fencing held in every run (exit 75, ProducerFenced); one cause "
-    "of a lost verification is fixed (ops/faust_fixes.py, _from_the_beginning), but 3 of 13 "
-    "runs after it still lost records: in the new owner's first fetch after the takeover's "
-    "seek, aiokafka's position passed a verification.start record that _drain_messages never "
-    "delivered (see docs/guarantees.md)"))
 async def test_a_worker_frozen_past_its_session_is_fenced_by_the_broker(
         deployment: Deployment, start_worker) -> None:
     env = {"PROCESSING_GUARANTEE": "exactly_once", "VERIFICATION_TIMEOUT_SECONDS": "900"}
