@@ -99,8 +99,9 @@ async def _fetches_after_first(bootstrap: str, linger: float) -> list[int]:
 
 
 @pytest.mark.kafka
-async def test_records_arriving_during_the_linger_come_in_one_fetch(kafka: str) -> None:
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)  # "not leader" just after creation
+async def test_records_arriving_during_the_linger_come_in_one_fetch(
+        kafka: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, "aiokafka")  # "not leader" just after creation (restored after)
     # given a fetch that brought a record, and a linger far longer than the 5 sends take
     sizes = await _fetches_after_first(kafka, linger=4.0)
     # then the next fetch waits out the linger and brings all five at once
@@ -108,7 +109,8 @@ async def test_records_arriving_during_the_linger_come_in_one_fetch(kafka: str) 
 
 
 @pytest.mark.kafka
-async def test_without_a_linger_each_record_comes_as_it_arrives(kafka: str) -> None:
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+async def test_without_a_linger_each_record_comes_as_it_arrives(
+        kafka: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, "aiokafka")
     sizes = await _fetches_after_first(kafka, linger=0.0)
     assert len(sizes) > 1  # 100 ms apart: fetched one by one (or nearly)
