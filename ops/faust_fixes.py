@@ -92,42 +92,29 @@ def _seek_before_resume(method: Callable[..., Awaitable[None]]) -> Callable[...,
     return wrapper
 
 
+def _wrap(owner: Any, name: str, wrap: Callable[[Any], Any]) -> None:
+    """Replace ``owner.name`` by ``wrap(owner.name)`` unless it is one of ours already."""
+    method = getattr(owner, name)
+    if not getattr(method, _PATCHED, False):
+        setattr(owner, name, wrap(method))
+
+
 def apply() -> None:
     """Patch ``Recovery``, ``Consumer`` and aiokafka's ``PartitionRecords`` once; a second
     call changes nothing."""
-    tables_start = TableManager.on_start
-    if not getattr(tables_start, _PATCHED, False):
-        TableManager.on_start = _tables_at_once(tables_start)  # type: ignore[method-assign]
-    fetch = AIOKafkaConsumerThread._fetch_records
-    if not getattr(fetch, _PATCHED, False):
-        AIOKafkaConsumerThread._fetch_records = _only_active_partitions(fetch)  # type: ignore[method-assign]
+    _wrap(TableManager, "on_start", _tables_at_once)
+    _wrap(AIOKafkaConsumerThread, "_fetch_records", _only_active_partitions)
     for name in ("on_recovery_completed", "_resume_streams"):
-        method = getattr(Recovery, name)
-        if not getattr(method, _PATCHED, False):
-            setattr(Recovery, name, _seek_before_resume(method))
+        _wrap(Recovery, name, _seek_before_resume)
     Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
-    seek = AIOKafkaConsumer.seek_to_committed
-    if not getattr(seek, _PATCHED, False):
-        AIOKafkaConsumer.seek_to_committed = _recording_seek(seek)  # type: ignore[method-assign]
-    verify = AIOKafkaConsumerThread.verify_event_path
-    if not getattr(verify, _PATCHED, False):
-        AIOKafkaConsumerThread.verify_event_path = (  # type: ignore[method-assign]
-            _stall_when_waiting(verify))
-    unpack = PartitionRecords._unpack_records
-    if not getattr(unpack, _PATCHED, False):
-        PartitionRecords._unpack_records = _noting_skips(unpack)  # type: ignore[method-assign]
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    if not getattr(create, _PATCHED, False):
-        AIOKafkaConsumerThread._create_worker_consumer = _read_committed(create)  # type: ignore[method-assign]
-    if not getattr(Recovery.need_recovery, _PATCHED, False):
-        Recovery.need_recovery = _need_recovery  # type: ignore[method-assign]
+    _wrap(AIOKafkaConsumer, "seek_to_committed", _recording_seek)
+    _wrap(AIOKafkaConsumerThread, "verify_event_path", _stall_when_waiting)
+    _wrap(PartitionRecords, "_unpack_records", _noting_skips)
+    _wrap(AIOKafkaConsumerThread, "_create_worker_consumer", _read_committed)
+    _wrap(Recovery, "need_recovery", lambda _: _need_recovery)
     faust.tables.recovery.asyncio = _RecoveryClock()  # type: ignore[attr-defined]
-    assigned = Conductor.on_partitions_assigned
-    if not getattr(assigned, _PATCHED, False):
-        Conductor.on_partitions_assigned = _hooked_assignment(assigned)  # type: ignore[method-assign]
-    filtered = Consumer._filter_committable_offsets
-    if not getattr(filtered, _PATCHED, False):
-        Consumer._filter_committable_offsets = _not_transactional(filtered)  # type: ignore[method-assign]
+    _wrap(Conductor, "on_partitions_assigned", _hooked_assignment)
+    _wrap(Consumer, "_filter_committable_offsets", _not_transactional)
 
 
 # ---------------------------------------------------------------- the fetch: active only
