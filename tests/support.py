@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from phoneverify.ops.broker.local import stop_process
 from phoneverify.ops.replay import caught_up, read_all
@@ -275,3 +276,13 @@ async def quiesce(deployment: Deployment, timeout: float = 30.0) -> None:
     await caught_up(deployment.bootstrap, deployment.env()["APP_ID"],
                     [deployment.topic(topic) for topic in PIPELINE],
                     int(deployment.env()["PARTITIONS"]), timeout)
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int = 1) -> None:
+    """Create one topic (replication 1) on the test broker."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()

@@ -16,9 +16,11 @@ import uuid
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from phoneverify.ops import fetch_linger, speedups
+
+from support import create_topic
 
 
 def test_every_compiled_part_is_loaded_here() -> None:
@@ -56,12 +58,7 @@ async def _fetches_after_first(bootstrap: str, linger: float) -> list[int]:
     """One record fetched, then 5 produced one at a time 100 ms apart: the sizes of the
     fetches that bring those 5."""
     topic = f"linger-{uuid.uuid4().hex[:8]}"
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 1, 1)])
-    finally:
-        await admin.close()
+    await create_topic(bootstrap, topic)
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                 auto_offset_reset="earliest")

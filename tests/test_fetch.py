@@ -14,12 +14,13 @@ import uuid
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
 from faust.types import TP
 
 from phoneverify.ops import faust_fixes
 from phoneverify.ops.faust_fixes import ActivePartitions
+
+from support import create_topic
 
 
 async def _buffered(consumer: AIOKafkaConsumer, tps: set[TopicPartition]) -> None:
@@ -33,12 +34,7 @@ async def _buffered(consumer: AIOKafkaConsumer, tps: set[TopicPartition]) -> Non
 
 async def test_a_fetch_takes_records_of_the_active_partitions_only(kafka: str) -> None:
     topic = f"t{uuid.uuid4().hex[:10]}.fetch"
-    admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic, 2, 1)])
-    finally:
-        await admin.close()
+    await create_topic(kafka, topic, 2)
     first, second = TopicPartition(topic, 0), TopicPartition(topic, 1)
     producer = AIOKafkaProducer(bootstrap_servers=kafka)
     await producer.start()

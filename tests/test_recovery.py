@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
 from phoneverify.ops import recovery
 
-from support import ROOT, Client, Deployment, Worker, free_port
+from support import ROOT, Client, Deployment, Worker, create_topic, free_port
 
 SET_ASIDE = "set aside"
 
@@ -196,12 +196,7 @@ async def test_a_last_offset_not_known_yet_is_waited_for(kafka: str) -> None:
             lambda missing: consumer.end_offsets(list(missing)), {tp}, retry=0.1))
         await asyncio.sleep(2.0)  # several failed asks (each times out after 1 s)
         assert not waiting.done()
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(topic, 1, 1)])
-        finally:
-            await admin.close()
+        await create_topic(kafka, topic)
         producer = AIOKafkaProducer(bootstrap_servers=kafka)
         await producer.start()
         try:
